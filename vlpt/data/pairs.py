@@ -1,0 +1,70 @@
+"""In-memory image-caption pairs, pre-tokenised once, served as deterministic batches.
+
+Batch ``step`` is a pure function of (seed, step): resuming a run replays exactly the same data, and
+no per-sample Python runs in the training loop (uint8 images go to the model as they are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vlpt.tokenization import Tokenizer
+
+
+class PairBatches:
+    def __init__(self, images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer: Tokenizer,
+                 batch_size: int, seed: int, labels: np.ndarray | None = None, augment: bool = False):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
+        if batch_size > len(images):
+            raise ValueError(f"batch_size {batch_size} is larger than the data set ({len(images)} images)")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W, 3) uint8
+        self.labels = None if labels is None else torch.as_tensor(labels)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment = augment
+        flat = [c for caps in captions for c in caps]
+        self.caption_owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+        self.caption_start = torch.tensor(np.cumsum([0] + [len(c) for c in captions[:-1]]))
+        self.caption_count = torch.tensor([len(c) for c in captions])
+        tokens = tokenizer(flat)  # padded to the longest caption in the corpus
+        self.input_ids = tokens["input_ids"]
+        self.lengths = tokens["attention_mask"].sum(1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """Batch ``step``: an epoch-wise permutation of images, one random caption per image."""
+        per_epoch = len(self.images) // self.batch_size
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        index = order[offset * self.batch_size:(offset + 1) * self.batch_size]
+        g = torch.Generator().manual_seed(self.seed * 1000003 + step)
+        pick = (torch.rand(len(index), generator=g) * self.caption_count[index]).long()
+        rows = self.caption_start[index] + pick
+        length = int(self.lengths[rows].max())  # trim padding to this batch's longest caption
+        input_ids = self.input_ids[rows, :length]
+        images = self.images[index]
+        if self.augment:
+            images = random_shift(images, g)
+        batch = {
+            "images": images,
+            "input_ids": input_ids,
+            "attention_mask": (torch.arange(length)[None, :] < self.lengths[rows][:, None]).long(),
+            "index": index,
+        }
+        if self.labels is not None:
+            batch["labels"] = self.labels[index]
+        return batch
+
+
+def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3) -> torch.Tensor:
+    """Shift each (B, H, W, 3) uint8 image by up to ``max_shift`` pixels, padding with zeros."""
+    B, H, W, _ = images.shape
+    padded = torch.nn.functional.pad(images, (0, 0, max_shift, max_shift, max_shift, max_shift))
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator)
+    return torch.stack([padded[b, dy[b]:dy[b] + H, dx[b]:dx[b] + W] for b in range(B)])

@@ -1,0 +1,424 @@
+"""The shapes world: a deterministic, procedurally generated image-text world with known ground truth.
+
+Every scene is drawn from its own random stream ``(seed, split, index)``, so scene ``i`` of a split is
+the same whatever the size of the set that contains it. Rendered sets are cached as uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
+COLORS = {
+    "red": (225, 35, 35),
+    "green": (40, 185, 60),
+    "blue": (45, 85, 235),
+    "yellow": (240, 225, 45),
+    "purple": (150, 55, 205),
+    "orange": (250, 140, 25),
+    "white": (245, 245, 245),
+    "cyan": (40, 225, 225),
+}
+COLOR_NAMES = tuple(COLORS)
+SIZES = ("small", "large")
+# 3x3 grid cells, row-major; the name is what captions and answers use.
+POSITIONS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+POSITION_PHRASES = (
+    "in the top left", "at the top", "in the top right",
+    "on the left", "in the center", "on the right",
+    "in the bottom left", "at the bottom", "in the bottom right",
+)
+NUM_CLASSES = len(COLORS) * len(SHAPES)  # 48 (color, shape) classes
+CLASS_NAMES = tuple(f"{c} {s}" for c in COLOR_NAMES for s in SHAPES)
+
+# (color, shape) pairs that never appear in training images or captions: one per color.
+COMPOSITIONAL_PAIRS = tuple((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOR_NAMES))
+
+SPLITS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
+
+SHAPE_SYNONYMS = {
+    "circle": ("circle", "disk"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+    "hexagon": ("hexagon",),
+    "cross": ("cross", "plus sign"),
+}
+SIZE_SYNONYMS = {"small": ("small", "little"), "large": ("large", "big")}
+RELATIONS = ("above", "below", "to the left of", "to the right of")
+
+ANSWERS = tuple(
+    list(COLOR_NAMES) + list(SHAPES) + ["0", "1", "2", "3"] + ["yes", "no"] + list(SIZES)
+)
+QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation")
+
+CACHE_VERSION = 1
+
+
+def class_index(color: str, shape: str) -> int:
+    return COLOR_NAMES.index(color) * len(SHAPES) + SHAPES.index(shape)
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    size: str
+    cell: int  # 0..8, row-major in the 3x3 grid
+    dx: float  # jitter inside the cell, fraction of a cell
+    dy: float
+    rotation: float  # degrees
+
+    @property
+    def row(self) -> int:
+        return self.cell // 3
+
+    @property
+    def col(self) -> int:
+        return self.cell % 3
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    @property
+    def label(self) -> int:
+        return class_index(self.color, self.shape)
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: str
+    type: str
+
+
+@dataclass
+class Scene:
+    objects: list[ShapeObject]
+    background: tuple[int, int, int]
+    captions: list[str] = field(default_factory=list)
+    questions: list[Question] = field(default_factory=list)
+
+    @property
+    def primary(self) -> ShapeObject:
+        return self.objects[0]
+
+
+# ----------------------------------------------------------------------------- scene sampling
+
+def _scene_rng(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS[split], index, stream])
+
+
+def sample_scene(
+    seed: int, split: str, index: int, min_objects: int = 1, max_objects: int = 3,
+    num_captions: int = 5,
+) -> Scene:
+    """Sample scene ``index`` of ``split``: objects, captions and questions (no pixels)."""
+    rng = _scene_rng(seed, split, index, 0)
+    n = int(rng.integers(min_objects, max_objects + 1))
+    cells = rng.choice(9, size=n, replace=False)
+    held_out = set(COMPOSITIONAL_PAIRS)
+    objects = []
+    for k, cell in enumerate(cells):
+        while True:
+            color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            pair_held_out = (color, shape) in held_out
+            # Compositional scenes show a held-out pair as the primary object; every other
+            # split (and every other object) never shows one.
+            if split == "compositional" and k == 0:
+                if pair_held_out:
+                    break
+            elif not pair_held_out:
+                break
+        objects.append(ShapeObject(
+            shape=shape, color=color, size=SIZES[rng.integers(2)], cell=int(cell),
+            dx=float(rng.uniform(-0.08, 0.08)), dy=float(rng.uniform(-0.08, 0.08)),
+            rotation=float(rng.uniform(-15, 15)),
+        ))
+    background = tuple(int(v) for v in rng.integers(25, 95, size=3))
+    scene = Scene(objects=objects, background=background)
+    scene.captions = make_captions(scene, rng, num_captions)
+    scene.questions = make_questions(scene, rng)
+    return scene
+
+
+# ----------------------------------------------------------------------------- captions
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(obj: ShapeObject, rng: np.random.Generator, detail: int) -> str:
+    """Noun phrase for one object; detail 0: color+shape, 1: +size, 2: +size+position."""
+    shape = _pick(rng, SHAPE_SYNONYMS[obj.shape])
+    words = [obj.color, shape]
+    if detail >= 1:
+        words.insert(0, _pick(rng, SIZE_SYNONYMS[obj.size]))
+    phrase = " ".join(words)
+    phrase = f"{_article(phrase)} {phrase}"
+    if detail >= 2:
+        phrase += " " + POSITION_PHRASES[obj.cell]
+    return phrase
+
+
+def relation(a: ShapeObject, b: ShapeObject) -> str:
+    """Spatial relation of a to b, by grid row first, then column."""
+    if a.row != b.row:
+        return "above" if a.row < b.row else "below"
+    return "to the left of" if a.col < b.col else "to the right of"
+
+
+def _join(phrases: list[str]) -> str:
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int) -> list[str]:
+    """Several captions per scene, like COCO's five: varied templates, synonyms, relations."""
+    objs = scene.objects
+    n = len(objs)
+    count_word = ("one", "two", "three")[n - 1]
+    captions = []
+    for k in range(num_captions):
+        order = [objs[i] for i in rng.permutation(n)]
+        style = k % 5
+        if style == 0:  # plain list, colors and shapes
+            text = _join([describe(o, rng, 0) for o in order])
+            text = _pick(rng, ("{}", "a picture of {}", "an image showing {}")).format(text)
+        elif style == 1:  # size and position of every object
+            text = _join([describe(o, rng, 2) for o in order])
+        elif style == 2 and n >= 2:  # a relation, then the rest
+            a, b = order[0], order[1]
+            text = f"{describe(a, rng, 1)} {relation(a, b)} {describe(b, rng, 1)}"
+            if n == 3:
+                text += f" and {describe(order[2], rng, 2)}"
+        elif style == 3:  # counted
+            shapes = "shape" if n == 1 else "shapes"
+            text = f"{count_word} {shapes}: " + _join([describe(o, rng, 1) for o in order])
+        else:  # sizes, objects in a scene
+            text = _join([describe(o, rng, 1) for o in order])
+            text = _pick(rng, ("{} on a textured background", "there is {}", "a scene with {}")).format(
+                text) if n == 1 else f"a scene with {text}"
+        captions.append(text)
+    return captions
+
+
+# ----------------------------------------------------------------------------- questions
+
+def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
+    """One question of each type the scene allows, answers from the closed vocabulary ANSWERS."""
+    objs = scene.objects
+    qs: list[Question] = []
+    shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+    color_counts = {c: sum(o.color == c for o in objs) for c in COLOR_NAMES}
+
+    unique_shape = [o for o in objs if shape_counts[o.shape] == 1]
+    if unique_shape:
+        o = unique_shape[int(rng.integers(len(unique_shape)))]
+        qs.append(Question(f"what color is the {o.shape}?", o.color, "color"))
+    unique_color = [o for o in objs if color_counts[o.color] == 1]
+    if unique_color:
+        o = unique_color[int(rng.integers(len(unique_color)))]
+        qs.append(Question(f"what shape is the {o.color} object?", o.shape, "shape"))
+
+    if rng.random() < 0.5:
+        qs.append(Question("how many shapes are there?", str(len(objs)), "count"))
+    else:
+        color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+        if rng.random() < 0.5:  # ask about a color that is present half the time
+            color = objs[int(rng.integers(len(objs)))].color
+        qs.append(Question(f"how many {color} shapes are there?", str(color_counts[color]), "count"))
+
+    if rng.random() < 0.5:
+        o = objs[int(rng.integers(len(objs)))]
+        qs.append(Question(f"is there a {o.color} {o.shape}?", "yes", "existence"))
+    else:
+        present = {(o.color, o.shape) for o in objs}
+        while True:
+            color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            if (color, shape) not in present:
+                break
+        qs.append(Question(f"is there a {color} {shape}?", "no", "existence"))
+
+    unique_pair = [o for o in objs if sum((p.color, p.shape) == (o.color, o.shape) for p in objs) == 1]
+    o = unique_pair[int(rng.integers(len(unique_pair)))] if unique_pair else objs[0]
+    qs.append(Question(f"what size is the {o.color} {o.shape}?", o.size, "size"))
+
+    if len(unique_pair) >= 2:
+        i, j = rng.choice(len(unique_pair), size=2, replace=False)
+        a, b = unique_pair[int(i)], unique_pair[int(j)]
+        truth = relation(a, b)
+        asked = truth if rng.random() < 0.5 else _pick(rng, [r for r in RELATIONS if r != truth])
+        answer = "yes" if _holds(a, b, asked) else "no"
+        qs.append(Question(f"is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", answer, "relation"))
+    return qs
+
+
+def _holds(a: ShapeObject, b: ShapeObject, rel: str) -> bool:
+    return {
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+        "to the left of": a.col < b.col,
+        "to the right of": a.col > b.col,
+    }[rel]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        pts = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
+        pts = [(x * 0.8, y * 0.8) for x, y in pts]
+    elif shape == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad([-90, 30, 150])]
+        pts = [(x * 1.1, y * 1.1 + 0.15) for x, y in pts]
+    elif shape == "hexagon":
+        pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(0, 360, 60))]
+    elif shape == "star":
+        angles = np.deg2rad(np.arange(-90, 270, 36))
+        radii = np.tile([1.1, 0.45], 5)
+        pts = [(rr * math.cos(a), rr * math.sin(a)) for rr, a in zip(radii, angles)]
+    elif shape == "cross":
+        t = 0.33
+        pts = [(t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t), (-t, -1), (t, -1), (t, -t),
+               (1, -t), (1, t), (t, t)]
+        pts = [(x * 0.9, y * 0.9) for x, y in pts]
+    else:
+        raise ValueError(f"no polygon for {shape!r}")
+    c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+
+def render_scene(scene: Scene, image_size: int, rng: np.random.Generator, supersample: int = 4) -> np.ndarray:
+    """Draw a scene as a (H, W, 3) uint8 array: textured noisy background, anti-aliased objects."""
+    size = image_size
+    # Low-frequency texture: a coarse random grid upsampled smoothly, plus pixel noise.
+    coarse = rng.normal(0.0, 14.0, size=(5, 5, 3)).astype(np.float32)
+    texture = np.asarray(Image.fromarray(coarse[..., 0]).resize((size, size), Image.BICUBIC))[..., None]
+    img = np.asarray(scene.background, np.float32)[None, None, :] + texture + coarse.mean((0, 1))[None, None]
+    img = img + rng.normal(0.0, 6.0, size=(size, size, 3)).astype(np.float32)
+
+    big = size * supersample
+    cell = big / 3.0
+    for obj in scene.objects:
+        mask = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(mask)
+        cx = (obj.col + 0.5 + obj.dx) * cell
+        cy = (obj.row + 0.5 + obj.dy) * cell
+        r = cell * (0.40 if obj.size == "large" else 0.24)
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            draw.polygon(_polygon(obj.shape, cx, cy, r, obj.rotation), fill=255)
+        alpha = np.asarray(mask.resize((size, size), Image.BOX), np.float32)[..., None] / 255.0
+        shade = np.asarray(COLORS[obj.color], np.float32) + rng.normal(0.0, 8.0, size=3)
+        img = img * (1.0 - alpha) + shade[None, None, :] * alpha
+    img = img + rng.normal(0.0, 3.0, size=(size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- data sets
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    split: str = "train"  # train | val | test | compositional
+    size: int = 1000  # number of scenes
+    image_size: int = 64  # pixels, 32..224
+    min_objects: int = 1
+    max_objects: int = 3
+    num_captions: int = 5  # captions per scene
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown shapes split {self.split!r}; choose from {sorted(SPLITS)}")
+        if not 32 <= self.image_size <= 224:
+            raise ValueError(f"image_size must be in 32..224, got {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects <= 3:
+            raise ValueError("need 1 <= min_objects <= max_objects <= 3")
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+
+class ShapesDataset:
+    """A rendered split of the shapes world.
+
+    Attributes: ``images`` (N, H, W, 3) uint8, ``captions`` N lists of strings, ``labels`` (N,) the
+    primary object's (color, shape) class in 0..47, ``shape_labels``, ``color_labels``, ``scenes``.
+    """
+
+    def __init__(self, config: ShapesConfig, cache_dir: str | Path | None = None):
+        self.config = config
+        self.scenes = [
+            sample_scene(config.seed, config.split, i, config.min_objects, config.max_objects,
+                         config.num_captions)
+            for i in range(config.size)
+        ]
+        self.captions = [s.captions for s in self.scenes]
+        self.labels = np.array([s.primary.label for s in self.scenes], np.int64)
+        self.shape_labels = np.array([SHAPES.index(s.primary.shape) for s in self.scenes], np.int64)
+        self.color_labels = np.array([COLOR_NAMES.index(s.primary.color) for s in self.scenes], np.int64)
+        self.images = self._load_or_render(cache_dir)
+
+    def _cache_key(self) -> str:
+        c = self.config
+        text = f"v{CACHE_VERSION}-{c.split}-{c.size}-{c.image_size}-{c.min_objects}-{c.max_objects}-{c.seed}"
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def _render_all(self) -> np.ndarray:
+        c = self.config
+        out = np.empty((c.size, c.image_size, c.image_size, 3), np.uint8)
+        for i, scene in enumerate(self.scenes):
+            out[i] = render_scene(scene, c.image_size, _scene_rng(c.seed, c.split, i, 1))
+        return out
+
+    def _load_or_render(self, cache_dir: str | Path | None) -> np.ndarray:
+        if cache_dir is None:
+            return self._render_all()
+        path = Path(cache_dir) / f"shapes-{self.config.split}-{self._cache_key()}.npy"
+        if path.exists():
+            try:
+                images = np.load(path)
+                if images.shape[0] == self.config.size:
+                    return images
+            except (OSError, ValueError) as err:  # a damaged cache is re-rendered, not trusted
+                log.warning("ignoring unreadable cache %s: %s", path, err)
+        images = self._render_all()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, images)
+        os.replace(tmp, path)  # atomic: a reader never sees half a cache file
+        return images
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, list[str], int]:
+        return self.images[i], self.captions[i], int(self.labels[i])
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VLPT_CACHE", Path.home() / ".cache" / "vlpt"))

@@ -1,0 +1,22 @@
+"""Image transforms: PIL -> normalised float tensor for users' images (like OpenCLIP's preprocess)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+
+def image_transform(image_size: int = 64, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    std: Sequence[float] = (0.25, 0.25, 0.25)) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to ``image_size``, centre-crop, scale to [0, 1] and normalise."""
+    return T.Compose([
+        T.Lambda(lambda img: img.convert("RGB")),
+        T.PILToTensor(),
+        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(image_size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])

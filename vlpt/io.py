@@ -1,0 +1,71 @@
+"""Small file helpers: atomic writes (nothing half-written is ever left in place of good data) and
+image loading that names the file when it fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``directory``; on success it replaces ``directory`` in one rename.
+
+    On failure the temp folder is removed and any existing ``directory`` is left untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        yield tmp
+        old = None
+        if directory.exists():  # keep the old copy until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old", dir=directory.parent))
+            os.replace(directory, old / "d")
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class ImageLoadError(ValueError):
+    """An image file that is missing or cannot be decoded; the message names the file."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB (grayscale, RGBA and palette images are converted)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)  # transparent pixels become white
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageLoadError(f"cannot read image {path}: {err}") from err

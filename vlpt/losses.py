@@ -1,0 +1,229 @@
+"""Contrastive losses for dual encoders: InfoNCE (CLIP), sigmoid (SigLIP) and pairwise matching.
+
+Every loss takes already L2-normalised features and the temperature the model returns; the model
+never computes its loss. Losses take ``rank`` and ``world_size`` as plain arguments (no global
+state), so the same call works in one process or under torchrun.
+
+Distributed convention. DDP averages parameter gradients over ranks, and the autograd all-gather
+(``torch.distributed.nn.functional.all_gather``) sums, in backward, the gradients every rank sends
+to a rank's local features. Together, one step's effective objective is ``mean over ranks of the
+per-rank loss``. Each loss below is normalised so that this mean equals the loss of a single
+process on the global batch, so training with N ranks of batch B matches one process with batch
+N * B. All ranks must use the same local batch size (all-gather needs equal shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_features(image_features: Tensor, text_features: Tensor) -> None:
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            "image and text features must both be (B, D) with the same shape, got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+
+
+def _all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's part."""
+    # Imported here: torch.distributed.nn is not available on every build, and one process
+    # never needs it.
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)  # (world_size * B, D)
+
+
+def gather_features(
+    image_features: Tensor,
+    text_features: Tensor,
+    rank: int,
+    world_size: int,
+    local_loss: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """All-gather image and text features over ``torch.distributed``, keeping gradients.
+
+    Returns ``(all_image, all_text)``, each (world_size * B, D), rank ``r``'s features at rows
+    ``r*B : (r+1)*B``. With ``world_size == 1`` the inputs come back unchanged.
+
+    ``local_loss`` is accepted for parity with OpenCLIP's ``gather_features``: there, without
+    autograd in the gather, it decides whether the local slice is swapped back in to carry the
+    gradient. The autograd all-gather used here always carries it, so the result does not depend
+    on ``local_loss``.
+    """
+    del local_loss  # see docstring: no effect with an autograd all-gather
+    if world_size == 1:
+        return image_features, text_features
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"world_size={world_size} needs an initialised torch.distributed process group"
+        )
+    return _all_gather_with_grad(image_features), _all_gather_with_grad(text_features)
+
+
+# ----------------------------------------------------------------------------- InfoNCE (CLIP)
+
+def infonce_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+) -> Tensor:
+    """CLIP's symmetric InfoNCE: mean of image->text and text->image cross-entropy.
+
+    ``image_features`` and ``text_features`` are (B, D), L2-normalised, row i of each a positive
+    pair. ``logit_scale`` is the multiplier itself (CLIP's ``logit_scale.exp()``).
+
+    With ``world_size > 1`` features are gathered with gradients. ``local_loss=False``: every rank
+    computes the full global (N, N) matrix, N = world_size * B (same value on every rank).
+    ``local_loss=True``: each rank computes only its own B rows against all N candidates, which
+    is cheaper; the mean over ranks equals the global loss.
+    """
+    _check_features(image_features, text_features)
+    all_image, all_text = gather_features(image_features, text_features, rank, world_size, local_loss)
+    if world_size > 1 and local_loss:
+        logits_per_image = logit_scale * image_features @ all_text.T  # (B, N)
+        logits_per_text = logit_scale * text_features @ all_image.T  # (B, N)
+        b = image_features.shape[0]
+        labels = torch.arange(b, device=image_features.device) + rank * b  # (B,) positives' columns
+    else:
+        logits_per_image = logit_scale * all_image @ all_text.T  # (N, N)
+        logits_per_text = logits_per_image.T  # (N, N)
+        labels = torch.arange(all_image.shape[0], device=image_features.device)  # (N,)
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tensor:
+    """Sigmoid loss of SigLIP (Zhai et al., 2023): every image-text pair is a binary problem.
+
+    ``logits = logit_scale * I @ T.T + logit_bias``; labels are +1 on positive pairs and -1
+    elsewhere; ``loss = -sum(logsigmoid(labels * logits)) / B`` with B the *local* batch size.
+
+    With ``world_size > 1`` each rank scores its B images against the texts of all ranks
+    (gathered with gradients), positives on the diagonal of its own block of columns. Dividing
+    by the local B makes the mean over ranks equal ``-sum over all N*N pairs / N`` (N = global
+    batch), i.e. exactly the single-process loss on the global batch; so DDP's averaged
+    gradient (sum over ranks / world_size) equals the single-process gradient.
+    """
+    _check_features(image_features, text_features)
+    b = image_features.shape[0]
+    if world_size > 1:
+        _, all_text = gather_features(image_features, text_features, rank, world_size)
+    else:
+        all_text = text_features
+    logits = logit_scale * image_features @ all_text.T + logit_bias  # (B, N)
+    # +1 where column j is image i's own caption (global column rank*B + i), -1 elsewhere.
+    labels = -torch.ones_like(logits)  # (B, N)
+    cols = torch.arange(b, device=logits.device) + rank * b
+    labels[torch.arange(b, device=logits.device), cols] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / b
+
+
+# ----------------------------------------------------------------------------- pairwise matching
+
+def binary_matching_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``-mean[y log p + (1 - y) log(1 - p)]`` with ``p = sigmoid(logits)``, computed stably.
+
+    ``logits`` and ``labels`` (0 / 1) have the same shape; the mean is over all pairs.
+    """
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in shape")
+    # BCE-with-logits uses log-sum-exp, so large |logits| never hit log(0).
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def pairwise_matching_loss(scores_pos: Tensor, scores_neg: Tensor) -> Tensor:
+    """Matching loss over positive-pair logits (P,) and negative-pair logits (Q,): mean over P + Q."""
+    logits = torch.cat([scores_pos.reshape(-1), scores_neg.reshape(-1)])  # (P + Q,)
+    labels = torch.cat([torch.ones_like(scores_pos.reshape(-1)), torch.zeros_like(scores_neg.reshape(-1))])
+    return binary_matching_loss(logits, labels)
+
+
+def sample_negatives(
+    similarity: Tensor,
+    num_negatives: int,
+    hard: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """For each row i of a (B, B) similarity matrix, pick ``num_negatives`` columns j != i.
+
+    ``hard=False``: uniformly at random without replacement (reproducible with a seeded
+    ``generator``). ``hard=True``: the highest-similarity wrong columns, most similar first.
+    Returns a (B, num_negatives) int64 tensor of text indices; never the positive ``i``.
+    """
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"similarity must be (B, B), got {tuple(similarity.shape)}")
+    b = similarity.shape[0]
+    if not 1 <= num_negatives <= b - 1:
+        raise ValueError(f"num_negatives must be in 1..{b - 1} for a batch of {b}, got {num_negatives}")
+    eye = torch.eye(b, dtype=torch.bool, device=similarity.device)
+    if hard:
+        scores = similarity.detach().float()  # (B, B)
+    else:
+        # Random keys, then the top-k of those: a uniform sample without replacement.
+        device = generator.device if generator is not None else similarity.device
+        scores = torch.rand(b, b, generator=generator, device=device).to(similarity.device)  # (B, B)
+    scores = scores.masked_fill(eye, float("-inf"))  # the positive can never win
+    return scores.topk(num_negatives, dim=1).indices  # (B, num_negatives)
+
+
+def pairwise_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    num_negatives: int = 1,
+    hard: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Binary image-text matching on the B positive pairs and B * num_negatives sampled negatives.
+
+    Pairs are scored ``logit_scale * cos + logit_bias``; negatives are texts of other images in
+    the batch (random or hardest, see ``sample_negatives``). Single-process only: it takes no
+    rank / world_size, and under DDP each rank samples negatives from its own batch.
+    """
+    _check_features(image_features, text_features)
+    similarity = image_features @ text_features.T  # (B, B) cosine similarities
+    logits = logit_scale * similarity + logit_bias  # (B, B)
+    negatives = sample_negatives(similarity.detach(), num_negatives, hard, generator)  # (B, K)
+    pos = logits.diagonal()  # (B,)
+    neg = logits.gather(1, negatives)  # (B, K)
+    return pairwise_matching_loss(pos, neg)
+
+
+# ----------------------------------------------------------------------------- registry
+
+# A plain dict literal: nothing registers itself at import time. The losses' signatures differ
+# (siglip and pairwise also take ``logit_bias``), so call them with keyword arguments.
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "infonce": infonce_loss,
+    "siglip": siglip_loss,
+    "pairwise": pairwise_loss,
+}
+
+
+def get_loss(name: str) -> Callable[..., Tensor]:
+    """The loss function registered as ``name``; ValueError listing the choices otherwise."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}") from None

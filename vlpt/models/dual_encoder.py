@@ -1,0 +1,122 @@
+"""The CLIP model: an image tower and a text tower projected into one space, with a learned temperature.
+
+The model returns normalised features and the temperature; losses live in ``vlpt.losses``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlpt.config import ModelConfig, from_dict, to_dict
+from vlpt.io import atomic_directory
+from vlpt.models.image_towers import ImageTower
+from vlpt.models.text_towers import TextTower
+from vlpt.tokenization import Tokenizer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None,
+                 load_pretrained_weights: bool = True):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_tower = ImageTower(config.image)
+        self.text_tower = TextTower(config.text, load_pretrained_weights=load_pretrained_weights)
+        self.image_proj = nn.Linear(self.image_tower.output_dim, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text_tower.output_dim, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = None
+        if config.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        self.lock_towers(image=config.image.locked, text=config.text.locked)
+
+    # ------------------------------------------------------------------ locking (LiT)
+    def lock_towers(self, image: bool = False, text: bool = False) -> None:
+        """Freeze towers: no gradients, and kept in eval mode so BatchNorm statistics stay put."""
+        for tower, locked in ((self.image_tower, image), (self.text_tower, text)):
+            for p in tower.parameters():
+                p.requires_grad_(not locked)
+        self.config.image.locked, self.config.text.locked = image, text
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        if self.config.image.locked:
+            self.image_tower.eval()
+        if self.config.text.locked:
+            self.text_tower.eval()
+        return self
+
+    # ------------------------------------------------------------------ encoding
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """images: uint8 (B, H, W, 3) / (B, 3, H, W), or float normalised as by ``image_transform``."""
+        _, pooled = self.image_tower.forward_features(images)
+        features = self.image_proj(pooled)  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer; pass token ids to encode_text")
+        return self.tokenizer(texts)
+
+    def encode_text(self, text: str | Sequence[str] | dict[str, torch.Tensor], normalize: bool = True
+                    ) -> torch.Tensor:
+        """text: strings (tokenised here) or {"input_ids", "attention_mask"} tensors."""
+        tokens = text if isinstance(text, dict) else self.tokenize(text)
+        device = self.logit_scale.device
+        _, pooled = self.text_tower.forward_features(tokens["input_ids"].to(device),
+                                                     tokens["attention_mask"].to(device))
+        features = self.text_proj(pooled)  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        return {
+            "image_features": self.encode_image(images),
+            "text_features": self.encode_text({"input_ids": input_ids, "attention_mask": attention_mask}),
+            "logit_scale": self.logit_scale.clamp(0, self.config.max_logit_scale).exp(),
+            "logit_bias": self.logit_bias,
+        }
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json, model.safetensors and tokenizer/ atomically (temp folder + rename)."""
+        with atomic_directory(directory) as tmp:
+            self.write_files(tmp)
+        return Path(directory)
+
+    def write_files(self, directory: Path) -> None:
+        config = copy.deepcopy(self.config)
+        config.text.hf_config = self.text_tower.hf_config_dict()
+        (directory / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "DualEncoder":
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"{directory} is not a vlpt model folder (no {CONFIG_NAME})")
+        config = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
+        tokenizer = None
+        if (directory / TOKENIZER_DIR).exists():
+            tokenizer = Tokenizer.from_pretrained(directory / TOKENIZER_DIR, config.text.context_length)
+        model = cls(config, tokenizer, load_pretrained_weights=False)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        model.load_state_dict(state)
+        return model.to(device).eval()

@@ -1,0 +1,110 @@
+"""Image towers: any timm model by name (or a tiny vlpt preset), exposing token-level features and a
+pooled vector, projected into the shared embedding space by the dual encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlpt.config import ImageTowerConfig
+
+# Tiny CPU presets: (timm architecture, keyword overrides). Plain data, not registered into timm.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # output_stride 16: a 4x4 feature map at 64 px, so positions survive to the pooling layer.
+    "resnet-tiny": ("resnet18", dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32,
+                                     output_stride=16)),
+    "resnet-small": ("resnet18", dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), stem_width=32,
+                                      output_stride=16)),
+    "vit-tiny": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)),
+    "vit-small": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=256, depth=4, num_heads=4)),
+}
+POOLS = ("attn", "avg", "timm")
+
+
+def list_image_towers() -> list[str]:
+    """vlpt presets; any name from ``timm.list_models()`` works too."""
+    return sorted(PRESETS)
+
+
+def create_backbone(config: ImageTowerConfig) -> nn.Module:
+    arch, kwargs = PRESETS.get(config.name, (config.name, {}))
+    kwargs = {**kwargs, **config.timm_kwargs}
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown image tower {config.name!r}; vlpt presets: {', '.join(list_image_towers())}, "
+                         f"or any timm model name (timm.list_models())")
+    if "vit" in arch or "deit" in arch:
+        kwargs.setdefault("img_size", config.image_size)
+    return timm.create_model(arch, pretrained=config.pretrained, num_classes=0, **kwargs)
+
+
+class AttentionPool(nn.Module):
+    """One learned query attends over all tokens (with learned positions), as CLIP's ResNet head."""
+
+    def __init__(self, width: int, num_tokens: int, num_heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.pos = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.num_heads = num_heads
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, C = tokens.shape
+        h = self.num_heads
+        k, v = self.kv(self.norm(tokens + self.pos)).chunk(2, dim=-1)  # (B, N, C) each
+        q = self.query.expand(B, -1, -1)  # (B, 1, C)
+        q, k, v = (t.reshape(B, -1, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, *, C/h)
+        pooled = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1, C/h)
+        return self.out(pooled.transpose(1, 2).reshape(B, C))  # (B, C)
+
+
+class ImageTower(nn.Module):
+    """timm backbone -> tokens (B, N, C) and pooled (B, C). Accepts normalised float images, or uint8
+    images (normalised here, late, so data can stay uint8 up to the model)."""
+
+    def __init__(self, config: ImageTowerConfig):
+        super().__init__()
+        if config.pool not in POOLS:
+            raise ValueError(f"unknown image pooling {config.pool!r}; choose from {', '.join(POOLS)}")
+        self.config = config
+        self.backbone = create_backbone(config)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
+        with torch.no_grad():  # probe the token grid once to size the pooling layer
+            tokens = self._tokens(torch.zeros(1, 3, config.image_size, config.image_size))
+        self.num_tokens, self.width = tokens.shape[1], tokens.shape[2]
+        self.pool = None
+        if config.pool == "attn":
+            self.pool = AttentionPool(self.width, self.num_tokens, num_heads=max(1, self.width // 64))
+        self.output_dim = self.width if config.pool != "timm" else self.backbone.num_features
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(images)
+        if features.ndim == 4:  # CNN feature map (B, C, H, W) -> tokens (B, H*W, C)
+            features = features.flatten(2).transpose(1, 2)
+        return features
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            if images.shape[-1] == 3 and images.shape[1] != 3:  # (B, H, W, 3) -> (B, 3, H, W)
+                images = images.permute(0, 3, 1, 2)
+            images = (images.float() - self.mean) / self.std
+        return images
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (tokens (B, N, C), pooled (B, C'))."""
+        x = self.preprocess(images)
+        features = self.backbone.forward_features(x)
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        if self.config.pool == "attn":
+            pooled = self.pool(tokens)
+        elif self.config.pool == "avg":
+            pooled = tokens.mean(dim=1)
+        else:
+            pooled = self.backbone.forward_head(features, pre_logits=True)
+        return tokens, pooled

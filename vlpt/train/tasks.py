@@ -1,0 +1,36 @@
+"""Training objectives. Each task's ``training_step(batch)`` returns ``{"loss": ..., **parts}``, so the
+trainer never knows which objective it runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlpt.losses import get_loss
+
+
+class ContrastiveTask:
+    """Image-text contrastive pre-training with InfoNCE, SigLIP or the pairwise matching loss."""
+
+    def __init__(self, model: nn.Module, loss: str = "infonce", rank: int = 0, world_size: int = 1,
+                 seed: int = 0):
+        self.loss_fn = get_loss(loss)  # fails early, listing the choices
+        self.loss = loss
+        self.model = model
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)  # negatives for the pairwise loss
+        core = getattr(model, "module", model)
+        if loss in ("siglip", "pairwise") and core.logit_bias is None:
+            raise ValueError(f"the {loss} loss needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        args = dict(image_features=out["image_features"], text_features=out["text_features"],
+                    logit_scale=out["logit_scale"])
+        if self.loss == "infonce":
+            loss = self.loss_fn(**args, rank=self.rank, world_size=self.world_size)
+        elif self.loss == "siglip":
+            loss = self.loss_fn(**args, logit_bias=out["logit_bias"], rank=self.rank, world_size=self.world_size)
+        else:
+            loss = self.loss_fn(**args, logit_bias=out["logit_bias"], generator=self.generator)
+        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}

@@ -1,0 +1,197 @@
+"""A model-agnostic trainer: AdamW, warm-up + cosine schedule, clipping, accumulation, autocast on
+CUDA, progress bar, JSONL metrics, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlpt.config import TrainConfig
+from vlpt.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class Batches(Protocol):
+    def batch(self, step: int) -> dict[str, torch.Tensor]: ...
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default; fp32 on CPU (this CPU class has no fast bf16)."""
+    choices = ("auto", "fp32", "bf16")
+    if precision not in choices:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(choices)}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up from 1/warmup to 1, then cosine down to ``min_ratio``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms, temperature and embeddings' 1-d params are left alone."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    if parts == 1:
+        return [batch]
+    chunks = {k: v.chunk(parts) for k, v in batch.items()}
+    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+
+
+class Trainer:
+    def __init__(self, task: Task, batches: Batches, config: TrainConfig, run_dir: str | Path,
+                 evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+                 rank: int = 0, world_size: int = 1, save_model: nn.Module | None = None):
+        if config.batch_size % config.accum_steps:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}")
+        self.task, self.batches, self.config = task, batches, config
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.log_path = self.run_dir / "log.jsonl"
+        self.evaluate = evaluate
+        self.rank, self.world_size = rank, world_size
+        self.model = task.model
+        self.save_model = save_model or getattr(self.model, "module", self.model)  # unwrap DDP
+        self.device = resolve_device(config.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
+                                           betas=(0.9, 0.98), eps=1e-6,
+                                           fused=self.device.type == "cuda" or None)
+        min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(config.warmup_steps, config.steps, min_ratio))
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        generator = getattr(self.task, "generator", None)
+        if generator is not None:
+            state["task_rng"] = generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "task_rng" in state:
+            self.task.generator.set_state(state["task_rng"])
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint; False when there is none."""
+        checkpoint = latest_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            return False
+        from safetensors.torch import load_file
+
+        self.save_model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        self.load_state_dict(load_trainer_state(checkpoint))
+        self.history = [row for row in self._read_log() if row.get("step", 0) <= self.step]
+        if self.rank == 0:  # drop log rows written after the checkpoint, so the curve has no repeats
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        log.info("resumed from %s at step %d", checkpoint, self.step)
+        return True
+
+    def _read_log(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if self.rank == 0:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.step, self.save_model, self.state_dict(),
+                               keep=self.config.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.to(self.device).train()
+        autocast = autocast_context(self.device, cfg.precision)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        window_images, window_start = 0, time.perf_counter()
+        while self.step < cfg.steps:
+            batch = self.batches.batch(self.step)
+            parts: dict[str, float] = {}
+            for micro in split_batch(batch, cfg.accum_steps):
+                micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
+                with autocast:
+                    out = self.task.training_step(micro)
+                (out["loss"] / cfg.accum_steps).backward()
+                for k, v in out.items():
+                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.accum_steps
+            if cfg.grad_clip > 0:
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            window_images += len(batch["images"]) * self.world_size
+            bar.update(1)
+
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": self.step, "lr": lr, **parts, "images_per_s": window_images / max(elapsed, 1e-9)}
+                self._log(row)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.0f}")
+                window_images, window_start = 0, time.perf_counter()
+            if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.model.eval()
+                self._log({"step": self.step, **self.evaluate(self.save_model, self.step)})
+                self.model.train()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        self.model.eval()
+        return self.history
