@@ -62,6 +62,7 @@ class DataConfig:
     num_captions: int = 5  # captions per image
     seed: int = 0  # data seed (scene sampling and rendering)
     augment: bool = False  # digits only: small random shifts; shapes keep positions exact
+    twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
 
 
 @dataclass

@@ -16,14 +16,18 @@ from vlpt.tokenization import Tokenizer
 
 class PairBatches:
     def __init__(self, images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer: Tokenizer,
-                 batch_size: int, seed: int, labels: np.ndarray | None = None, augment: bool = False):
+                 batch_size: int, seed: int, labels: np.ndarray | None = None, augment: bool = False,
+                 group_size: int = 1):
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         if batch_size > len(images):
             raise ValueError(f"batch_size {batch_size} is larger than the data set ({len(images)} images)")
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W, 3) uint8
         self.labels = None if labels is None else torch.as_tensor(labels)
+        if batch_size % group_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of group_size {group_size}")
         self.batch_size = batch_size
+        self.group_size = group_size  # consecutive images that always share a batch (minimal-edit twins)
         self.seed = seed
         self.augment = augment
         flat = [c for caps in captions for c in caps]
@@ -38,10 +42,12 @@ class PairBatches:
         return len(self.images)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """Batch ``step``: an epoch-wise permutation of images, one random caption per image."""
+        """Batch ``step``: an epoch-wise permutation of images (in groups), one random caption per image."""
         per_epoch = len(self.images) // self.batch_size
         epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        g = self.group_size
+        groups = torch.randperm(len(self.images) // g, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = (groups[:, None] * g + torch.arange(g)).flatten()
         index = order[offset * self.batch_size:(offset + 1) * self.batch_size]
         g = torch.Generator().manual_seed(self.seed * 1000003 + step)
         pick = (torch.rand(len(index), generator=g) * self.caption_count[index]).long()

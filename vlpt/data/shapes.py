@@ -6,6 +6,7 @@ the same whatever the size of the set that contains it. Rendered sets are cached
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -157,6 +158,35 @@ def sample_scene(
     scene.captions = make_captions(scene, rng, num_captions)
     scene.questions = make_questions(scene, rng)
     return scene
+
+
+def edit_scene(scene: Scene, rng: np.random.Generator, num_captions: int) -> Scene:
+    """A minimal edit: one attribute (shape, color, size or cell) of one object changes.
+
+    Shown in the same batch as the original, the pair is a hard negative by construction: only the
+    changed word tells the two captions apart. Held-out (color, shape) pairs are never created.
+    """
+    held_out = set(COMPOSITIONAL_PAIRS)
+    objects = list(scene.objects)
+    k = int(rng.integers(len(objects)))
+    obj = objects[k]
+    attribute = ("shape", "color", "size", "cell")[int(rng.choice(4, p=[0.35, 0.35, 0.15, 0.15]))]
+    if attribute == "shape":
+        options = [s for s in SHAPES if s != obj.shape and (obj.color, s) not in held_out]
+    elif attribute == "color":
+        options = [c for c in COLOR_NAMES if c != obj.color and (c, obj.shape) not in held_out]
+    elif attribute == "size":
+        options = [s for s in SIZES if s != obj.size]
+    else:
+        used = {o.cell for o in objects}
+        options = [c for c in range(9) if c not in used]
+    if not options:  # a full grid: change the size instead
+        attribute, options = "size", [s for s in SIZES if s != obj.size]
+    objects[k] = dataclasses.replace(obj, **{attribute: options[int(rng.integers(len(options)))]})
+    edited = Scene(objects=objects, background=scene.background)
+    edited.captions = make_captions(edited, rng, num_captions)
+    edited.questions = make_questions(edited, rng)
+    return edited
 
 
 # ----------------------------------------------------------------------------- captions
@@ -351,6 +381,7 @@ class ShapesConfig:
     max_objects: int = 3
     num_captions: int = 5  # captions per scene
     seed: int = 0
+    twins: bool = False  # train only: every odd scene is a minimal edit of the scene before it
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -361,6 +392,8 @@ class ShapesConfig:
             raise ValueError("need 1 <= min_objects <= max_objects <= 3")
         if self.size < 1:
             raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.twins and self.split != "train":
+            raise ValueError("twins (minimal-edit pairs) are a training aid; held-out splits stay i.i.d.")
 
 
 class ShapesDataset:
@@ -372,11 +405,14 @@ class ShapesDataset:
 
     def __init__(self, config: ShapesConfig, cache_dir: str | Path | None = None):
         self.config = config
-        self.scenes = [
-            sample_scene(config.seed, config.split, i, config.min_objects, config.max_objects,
-                         config.num_captions)
-            for i in range(config.size)
-        ]
+        self.scenes = []
+        for i in range(config.size):
+            if config.twins and i % 2 == 1:
+                twin = edit_scene(self.scenes[i - 1], _scene_rng(config.seed, config.split, i, 2), config.num_captions)
+                self.scenes.append(twin)
+            else:
+                self.scenes.append(sample_scene(config.seed, config.split, i, config.min_objects,
+                                                config.max_objects, config.num_captions))
         self.captions = [s.captions for s in self.scenes]
         self.labels = np.array([s.primary.label for s in self.scenes], np.int64)
         self.shape_labels = np.array([SHAPES.index(s.primary.shape) for s in self.scenes], np.int64)
@@ -385,14 +421,17 @@ class ShapesDataset:
 
     def _cache_key(self) -> str:
         c = self.config
-        text = f"v{CACHE_VERSION}-{c.split}-{c.size}-{c.image_size}-{c.min_objects}-{c.max_objects}-{c.seed}"
+        text = (f"v{CACHE_VERSION}-{c.split}-{c.size}-{c.image_size}-{c.min_objects}-{c.max_objects}-{c.seed}"
+                f"-{c.twins}")
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def _render_all(self) -> np.ndarray:
         c = self.config
         out = np.empty((c.size, c.image_size, c.image_size, 3), np.uint8)
         for i, scene in enumerate(self.scenes):
-            out[i] = render_scene(scene, c.image_size, _scene_rng(c.seed, c.split, i, 1))
+            # A twin reuses its original's noise stream: same background, only the edit differs.
+            source = i - 1 if c.twins and i % 2 == 1 else i
+            out[i] = render_scene(scene, c.image_size, _scene_rng(c.seed, c.split, source, 1))
         return out
 
     def _load_or_render(self, cache_dir: str | Path | None) -> np.ndarray:

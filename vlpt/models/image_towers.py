@@ -41,6 +41,11 @@ def create_backbone(config: ImageTowerConfig) -> nn.Module:
     return timm.create_model(arch, pretrained=config.pretrained, num_classes=0, **kwargs)
 
 
+def to_tokens(features: torch.Tensor) -> torch.Tensor:
+    """CNN feature maps (B, C, H, W) become tokens (B, H*W, C); ViT tokens pass through."""
+    return features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+
+
 class AttentionPool(nn.Module):
     """One learned query attends over all tokens (with learned positions), as CLIP's ResNet head."""
 
@@ -75,19 +80,16 @@ class ImageTower(nn.Module):
         self.backbone = create_backbone(config)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
-        with torch.no_grad():  # probe the token grid once to size the pooling layer
-            tokens = self._tokens(torch.zeros(1, 3, config.image_size, config.image_size))
+        self.backbone.eval()  # probe the token grid once to size the pooling layer (BN needs eval at B=1)
+        with torch.no_grad():
+            tokens = to_tokens(self.backbone.forward_features(torch.zeros(1, 3, config.image_size, config.image_size)))
+        self.backbone.train()
         self.num_tokens, self.width = tokens.shape[1], tokens.shape[2]
         self.pool = None
         if config.pool == "attn":
             self.pool = AttentionPool(self.width, self.num_tokens, num_heads=max(1, self.width // 64))
         self.output_dim = self.width if config.pool != "timm" else self.backbone.num_features
 
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_features(images)
-        if features.ndim == 4:  # CNN feature map (B, C, H, W) -> tokens (B, H*W, C)
-            features = features.flatten(2).transpose(1, 2)
-        return features
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
@@ -98,9 +100,8 @@ class ImageTower(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (tokens (B, N, C), pooled (B, C'))."""
-        x = self.preprocess(images)
-        features = self.backbone.forward_features(x)
-        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        features = self.backbone.forward_features(self.preprocess(images))
+        tokens = to_tokens(features)  # (B, N, C)
         if self.config.pool == "attn":
             pooled = self.pool(tokens)
         elif self.config.pool == "avg":

@@ -168,7 +168,7 @@ class Trainer:
                     out = self.task.training_step(micro)
                 (out["loss"] / cfg.accum_steps).backward()
                 for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.accum_steps
+                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
             if cfg.grad_clip > 0:
                 parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
             lr = self.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_run_config
+from vlpt.data.pairs import PairBatches
+from vlpt.factory import create_model, load_model
+from vlpt.train.checkpoint import latest_checkpoint, list_checkpoints
+from vlpt.train.run import RunExistsError, fit, run
+from vlpt.train.trainer import warmup_cosine
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    config = tiny_run_config(steps=6)
+    fit(config, tmp_path / "full")
+    # Interrupted run: train 3 steps (a checkpoint at step 3), then resume to 6 with the full config.
+    fit(tiny_run_config(steps=6, **{"train.steps": 3}), tmp_path / "cut")
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step_0000003"
+    # A resumed run keeps the schedule of the N-step run: its config says 6 steps.
+    fit(config, tmp_path / "cut", resume=True)
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 7))
+    for step in range(1, 7):
+        assert cut[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+    a, b = load_model(tmp_path / "full"), load_model(tmp_path / "cut")
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    torch.testing.assert_close(a.encode_image(images), b.encode_image(images), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    config = tiny_run_config(steps=9, **{"train.keep_checkpoints": 2})
+    fit(config, tmp_path)
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_0000006", "step_0000009"]
+    (tmp_path / "checkpoints" / "step_0000012").mkdir()  # an interrupted save: no trainer state
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000009"
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temp folders left behind
+
+
+def test_training_learns_the_shapes_world(tmp_path):
+    config = tiny_run_config(steps=60, **{"train.lr": 0.003, "train.batch_size": 64, "data.train_size": 1024})
+    metrics = run(config, tmp_path / "r")
+    rows = losses(tmp_path / "r")
+    first, last = np.mean([rows[s] for s in range(1, 6)]), np.mean([rows[s] for s in range(56, 61)])
+    assert last < 0.6 * first
+    assert metrics["zeroshot_color_top1"] > 0.5  # chance is 1/8
+    assert metrics["retrieval_t2i_r10"] > 0.4  # chance is 10/64
+    for key in ("zeroshot_top1", "zeroshot_shape_top1", "zeroshot_compositional_top1", "retrieval_i2t_r1",
+                "retrieval_i2t_r5", "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5",
+                "linear_probe_top1", "train_seconds", "steps"):
+        assert key in metrics
+    report = (tmp_path / "r" / "report.md").read_text()
+    for png in ("loss.png", "confusion.png", "retrieval.png"):
+        assert (tmp_path / "r" / png).stat().st_size > 1000 and png in report
+
+
+def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+    config = tiny_run_config(steps=2)
+    run(config, tmp_path / "r")
+    before = (tmp_path / "r" / "metrics.json").read_text()
+    with pytest.raises(RunExistsError, match="--resume"):
+        run(config, tmp_path / "r")
+    bad = tiny_run_config(steps=2, **{"train.loss": "nope"})
+    with pytest.raises(ValueError, match="infonce"):
+        run(bad, tmp_path / "r", overwrite=True)  # fails before completing: old run untouched
+    assert (tmp_path / "r" / "metrics.json").read_text() == before
+    assert load_model(tmp_path / "r") is not None
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    images = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
+    captions = [[f"caption {i} a", f"a much longer caption number {i} b"] for i in range(40)]
+    model = create_model(tiny_run_config().model, corpus=[c for cs in captions for c in cs])
+    a = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1)
+    b = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1)
+    for step in (0, 3, 7, 12):
+        x, y = a.batch(step), b.batch(step)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert x["input_ids"].shape[1] == int(x["attention_mask"].sum(1).max())  # trimmed to the longest
+    epoch = torch.cat([a.batch(s)["index"] for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(40))  # every image once per epoch
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)

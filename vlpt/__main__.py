@@ -1,0 +1,5 @@
+import sys
+
+from vlpt.cli import main
+
+sys.exit(main())

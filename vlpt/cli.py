@@ -1,0 +1,164 @@
+"""The ``vlpt`` command: a thin map of subcommands onto library functions.
+
+``main(argv)`` runs in-process, so tests drive train -> eval -> classify without a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlpt.config import ConfigError, list_configs, load_config
+from vlpt.data.shapes import default_cache_dir
+from vlpt.io import ImageLoadError, load_image
+
+DEFAULT_RUNS = Path("runs")
+
+
+def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overwrite: bool,
+              overrides: list[str]) -> dict:
+    from vlpt.train.run import run
+
+    cfg = load_config(config, overrides)
+    run_dir = runs_dir / (name or cfg.name)
+    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
+    print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+    return metrics
+
+
+def cmd_eval(run_dir: Path) -> dict:
+    from vlpt.train.run import evaluate_run
+
+    metrics = evaluate_run(run_dir, cache_dir=default_cache_dir())
+    print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+    return metrics
+
+
+def cmd_demo(runs_dir: Path, overrides: list[str]) -> dict:
+    """Train the embedded default (tiny-shapes) into runs/demo, evaluate, and write the report."""
+    return cmd_train("tiny-shapes", "demo", runs_dir, resume=False, overwrite=True, overrides=overrides)
+
+
+def _load_images(paths: Sequence[Path], model) -> torch.Tensor:
+    from vlpt.factory import image_transform
+
+    transform = image_transform(model)
+    return torch.stack([transform(load_image(p)) for p in paths])
+
+
+def cmd_classify(images: list[Path], labels: str, model_dir: Path) -> list[dict]:
+    from vlpt.factory import load_model
+
+    names = [s.strip() for s in labels.split(",")]
+    if len(names) < 2 or not all(names):
+        raise ValueError("--labels needs at least two non-empty, comma-separated labels")
+    model = load_model(model_dir)
+    with torch.inference_mode():
+        image_features = model.encode_image(_load_images(images, model))
+        text_features = model.encode_text(names)
+        probs = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)
+    results = []
+    for path, p in zip(images, probs):
+        ranked = sorted(zip(names, p.tolist()), key=lambda t: -t[1])
+        results.append({"image": str(path), "label": ranked[0][0],
+                        "probabilities": {n: round(v, 4) for n, v in ranked}})
+        print(f"{path}: {ranked[0][0]}  (" + ", ".join(f"{n}: {v:.3f}" for n, v in ranked) + ")")
+    return results
+
+
+def cmd_embed(images: list[Path], texts: list[str], model_dir: Path, output: Path | None) -> np.ndarray:
+    from vlpt.factory import load_model
+
+    if bool(images) == bool(texts):
+        raise ValueError("give either --image paths or --text strings (one kind per call)")
+    model = load_model(model_dir)
+    with torch.inference_mode():
+        features = model.encode_image(_load_images(images, model)) if images else model.encode_text(texts)
+    array = features.numpy()
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(output, array)
+        print(f"wrote {array.shape[0]} embeddings of dim {array.shape[1]} to {output}")
+    else:
+        for name, row in zip(images or texts, array):
+            print(json.dumps({"input": str(name), "embedding": [round(float(v), 6) for v in row]}))
+    return array
+
+
+def print_metrics(metrics: dict, where: str) -> None:
+    width = max(map(len, metrics))
+    for key in sorted(metrics):
+        value = metrics[key]
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {shown}")
+    print(f"wrote {where}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlpt", description="Vision-language pre-training.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a named config or YAML file, then evaluate it")
+    p.add_argument("--config", default="tiny-shapes", help=f"named config ({', '.join(list_configs())}) or a file")
+    p.add_argument("--name", help="run name (default: the config's name); the run goes to RUNS_DIR/NAME")
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run once the new one completes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=200 (repeatable)")
+
+    p = sub.add_parser("eval", help="evaluate a run's model and rewrite its metrics.json and report.md")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("demo", help="train + evaluate the embedded default (tiny-shapes) into runs/demo")
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("classify", help="zero-shot classify images among text labels")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--labels", required=True, help='comma-separated, e.g. "a red circle,a blue star"')
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
+
+    p = sub.add_parser("embed", help="print or save L2-normalised embeddings of images or texts")
+    p.add_argument("--image", dest="images", type=Path, nargs="+", default=[])
+    p.add_argument("--text", dest="texts", nargs="+", default=[])
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
+    p.add_argument("-o", "--output", type=Path, help="write a .npy file instead of printing JSON lines")
+
+    sub.add_parser("configs", help="list the named configs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "train":
+            cmd_train(args.config, args.name, args.runs_dir, args.resume, args.overwrite, args.overrides)
+        elif args.command == "eval":
+            cmd_eval(args.run_dir)
+        elif args.command == "demo":
+            cmd_demo(args.runs_dir, args.overrides)
+        elif args.command == "classify":
+            cmd_classify(args.images, args.labels, args.model)
+        elif args.command == "embed":
+            cmd_embed(args.images, args.texts, args.model, args.output)
+        elif args.command == "configs":
+            print("\n".join(list_configs()))
+    except (ConfigError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"vlpt: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""A training run end to end: data, tokenizer, model, trainer, final model, evaluation and report.
+
+Run folder layout: ``config.yaml``, ``log.jsonl``, ``checkpoints/step_*/``, ``model/``,
+``metrics.json``, ``report.md`` and its PNG plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlpt.config import RunConfig, from_dict, load_config, save_config
+from vlpt.data import digits, shapes
+from vlpt.data.pairs import PairBatches
+from vlpt.evaluate.report import write_report
+from vlpt.evaluate.suite import embed_images, evaluate
+from vlpt.evaluate.zero_shot import SHAPES_TEMPLATES, accuracy, build_zero_shot_classifier, zero_shot_logits
+from vlpt.factory import create_model, get_tokenizer, load_model
+from vlpt.io import atomic_directory
+from vlpt.models.dual_encoder import TOKENIZER_DIR
+from vlpt.tokenization import Tokenizer
+from vlpt.train.checkpoint import latest_checkpoint
+from vlpt.train.tasks import ContrastiveTask
+from vlpt.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def load_train_data(config: RunConfig, cache_dir=None) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+    data = config.data
+    if data.dataset == "shapes":
+        ds = shapes.ShapesDataset(shapes.ShapesConfig(
+            split="train", size=data.train_size, image_size=data.image_size, num_captions=data.num_captions,
+            seed=data.seed, twins=data.twins), cache_dir=cache_dir)
+    elif data.dataset == "digits":
+        ds = digits.DigitsDataset(digits.DigitsConfig(split="train", image_size=data.image_size,
+                                                      num_captions=data.num_captions))
+    else:
+        raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, shapes")
+    return ds.images, ds.captions, ds.labels
+
+
+def quick_eval_fn(config: RunConfig, cache_dir=None):
+    """A cheap periodic check: 48-way zero-shot on 200 single-object validation scenes (shapes only)."""
+    if config.data.dataset != "shapes":
+        return None
+    val = shapes.ShapesDataset(shapes.ShapesConfig(
+        split="val", size=200, image_size=config.data.image_size, min_objects=1, max_objects=1,
+        seed=config.data.seed), cache_dir=cache_dir)
+
+    def run(model, step: int) -> dict[str, float]:
+        with torch.inference_mode():
+            clf = build_zero_shot_classifier(lambda t: model.encode_text(t).float().cpu(), shapes.CLASS_NAMES,
+                                             SHAPES_TEMPLATES)
+        logits = zero_shot_logits(embed_images(model, val.images), clf)
+        return accuracy(logits, torch.from_numpy(val.labels), prefix="val_zeroshot_")
+    return run
+
+
+def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None) -> tuple[object, float]:
+    """Train (or resume) into ``run_dir``; returns (model, train_seconds)."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    images, captions, labels = load_train_data(config, cache_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if checkpoint is not None:  # the vocabulary must be the one the checkpoint was trained with
+        tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
+    else:
+        tokenizer = get_tokenizer(config.model, corpus=(c for caps in captions for c in caps))
+    model = create_model(config.model, tokenizer, seed=config.train.seed)
+    batches = PairBatches(images, captions, tokenizer, config.train.batch_size, config.train.seed,
+                          labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
+    task = ContrastiveTask(model, config.train.loss, seed=config.train.seed)
+    trainer = Trainer(task, batches, config.train, run_dir, evaluate=quick_eval_fn(config, cache_dir))
+    if resume and not trainer.resume():
+        log.info("no checkpoint in %s; starting from step 0", run_dir)
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    model.save_pretrained(run_dir / "model")
+    return model, seconds
+
+
+def evaluate_run(run_dir: str | Path, model=None, extra: dict | None = None, cache_dir=None) -> dict[str, float]:
+    """Evaluate a run's final model on the held-out sets of its data set and write its report."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model = model or load_model(run_dir)
+    result = evaluate(model, config.data, config.eval, cache_dir)
+    metrics = {**result.metrics, **(extra or {})}
+    history = []
+    log_path = run_dir / "log.jsonl"
+    if log_path.exists():
+        import json
+
+        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        history = [row for row in history if "loss" in row]
+    if "steps" not in metrics:
+        metrics["steps"] = config.train.steps
+    write_report(run_dir, metrics, history=history, confusion=result.confusion, class_names=result.class_names,
+                 retrieval_examples=result.retrieval_examples)
+    return metrics
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a vlpt run folder (no {CONFIG_FILE})")
+    return load_config(path)
+
+
+def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+        cache_dir=None) -> dict[str, float]:
+    """Train then evaluate. A new run never writes over an old one: without ``overwrite`` an existing
+    run folder is an error; with it, the new run is built aside and swapped in only when complete."""
+    run_dir = Path(run_dir)
+    if resume:
+        if (run_dir / CONFIG_FILE).exists():
+            config = read_run_config(run_dir)
+        model, seconds = fit(config, run_dir, resume=True, cache_dir=cache_dir)
+        return evaluate_run(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
+                                 f"--overwrite to replace it once the new run completes, or choose another --name")
+        with atomic_directory(run_dir) as tmp:
+            model, seconds = fit(config, tmp, cache_dir=cache_dir)
+            evaluate_run(tmp, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
+        import json
+
+        return json.loads((run_dir / "metrics.json").read_text())
+    model, seconds = fit(config, run_dir, cache_dir=cache_dir)
+    return evaluate_run(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
