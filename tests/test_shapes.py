@@ -123,3 +123,23 @@ def test_cache_round_trip(tmp_path):
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError):
         ShapesConfig(**kwargs)
+
+
+def test_twins_differ_in_exactly_one_attribute_of_one_object():
+    ds = ShapesDataset(ShapesConfig(size=200, twins=True))
+    held = set(COMPOSITIONAL_PAIRS)
+    for a, b in zip(ds.scenes[0::2], ds.scenes[1::2]):
+        assert len(a.objects) == len(b.objects)
+        changes = [(f, x, y) for x, y in zip(a.objects, b.objects) for f in ("shape", "color", "size", "cell")
+                   if getattr(x, f) != getattr(y, f)]
+        assert len(changes) == 1
+        assert not any((o.color, o.shape) in held for o in b.objects)
+        assert len({o.cell for o in b.objects}) == len(b.objects)
+    with pytest.raises(ValueError, match="training"):
+        ShapesConfig(split="test", twins=True)
+
+
+def test_count_weights_shift_the_number_of_objects():
+    ds = ShapesDataset(ShapesConfig(size=600, count_weights=(4.0, 1.0, 1.0)))
+    single = np.mean([len(s.objects) == 1 for s in ds.scenes])
+    assert 0.55 < single < 0.78  # expected 2/3

@@ -63,6 +63,7 @@ class DataConfig:
     seed: int = 0  # data seed (scene sampling and rendering)
     augment: bool = False  # digits only: small random shifts; shapes keep positions exact
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
+    count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # shapes train set: odds of 1, 2, 3 objects
 
 
 @dataclass

@@ -40,6 +40,7 @@ class DualEncoder(nn.Module):
         self.logit_bias = None
         if config.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        self.text_cache: dict[bytes, torch.Tensor] | None = None  # see enable_text_cache
         self.lock_towers(image=config.image.locked, text=config.text.locked)
 
     # ------------------------------------------------------------------ locking (LiT)
@@ -49,7 +50,17 @@ class DualEncoder(nn.Module):
             for p in tower.parameters():
                 p.requires_grad_(not locked)
         self.config.image.locked, self.config.text.locked = image, text
+        if not text:
+            self.text_cache = None
         self.train(self.training)
+
+    def enable_text_cache(self, max_entries: int = 200_000) -> None:
+        """Memoise a locked text tower's pooled output per token sequence (LiT): captions repeat
+        across steps, and a frozen tower gives the same output for them every time."""
+        if not self.config.text.locked:
+            raise ValueError("the text cache is only valid for a locked text tower")
+        self.text_cache = {}
+        self.text_cache_limit = max_entries
 
     def train(self, mode: bool = True) -> "DualEncoder":
         super().train(mode)
@@ -76,10 +87,29 @@ class DualEncoder(nn.Module):
         """text: strings (tokenised here) or {"input_ids", "attention_mask"} tensors."""
         tokens = text if isinstance(text, dict) else self.tokenize(text)
         device = self.logit_scale.device
-        _, pooled = self.text_tower.forward_features(tokens["input_ids"].to(device),
-                                                     tokens["attention_mask"].to(device))
+        input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        if self.text_cache is None:
+            _, pooled = self.text_tower.forward_features(input_ids, attention_mask)  # (B, C)
+        else:
+            pooled = self._cached_text_pooled(input_ids, attention_mask)
         features = self.text_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
+
+    @torch.no_grad()
+    def _cached_text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1).tolist()
+        keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(input_ids, lengths)]
+        new = [k for k in dict.fromkeys(keys) if k not in self.text_cache]
+        if new:
+            first: dict[bytes, int] = {}
+            for i, k in enumerate(keys):
+                first.setdefault(k, i)
+            rows = torch.tensor([first[k] for k in new])
+            _, pooled = self.text_tower.forward_features(input_ids[rows], attention_mask[rows])  # (U, C)
+            if len(self.text_cache) + len(new) > self.text_cache_limit:
+                self.text_cache.clear()
+            self.text_cache.update(zip(new, pooled))
+        return torch.stack([self.text_cache[k] for k in keys])  # (B, C)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:

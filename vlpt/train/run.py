@@ -40,7 +40,7 @@ def load_train_data(config: RunConfig, cache_dir=None) -> tuple[np.ndarray, list
     if data.dataset == "shapes":
         ds = shapes.ShapesDataset(shapes.ShapesConfig(
             split="train", size=data.train_size, image_size=data.image_size, num_captions=data.num_captions,
-            seed=data.seed, twins=data.twins), cache_dir=cache_dir)
+            seed=data.seed, twins=data.twins, count_weights=data.count_weights), cache_dir=cache_dir)
     elif data.dataset == "digits":
         ds = digits.DigitsDataset(digits.DigitsConfig(split="train", image_size=data.image_size,
                                                       num_captions=data.num_captions))
@@ -79,6 +79,8 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None) 
     else:
         tokenizer = get_tokenizer(config.model, corpus=(c for caps in captions for c in caps))
     model = create_model(config.model, tokenizer, seed=config.train.seed)
+    if config.model.text.locked:
+        model.enable_text_cache()  # LiT: a frozen tower's caption features are computed once
     batches = PairBatches(images, captions, tokenizer, config.train.batch_size, config.train.seed,
                           labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
     task = ContrastiveTask(model, config.train.loss, seed=config.train.seed)

