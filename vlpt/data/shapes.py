@@ -67,7 +67,7 @@ ANSWERS = tuple(
 )
 QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation")
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def class_index(color: str, shape: str) -> int:
@@ -332,7 +332,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
         pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad([-90, 30, 150])]
         pts = [(x * 1.1, y * 1.1 + 0.15) for x, y in pts]
     elif shape == "hexagon":
-        pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(0, 360, 60))]
+        # Flattened (0.65 high): a regular hexagon differs from a circle by ~1 px at 64 px, too
+        # little to tell them apart; a wide hexagon with pointed ends stays a hexagon and is distinct.
+        pts = [(1.05 * math.cos(a), 0.65 * math.sin(a)) for a in np.deg2rad(np.arange(0, 360, 60))]
     elif shape == "star":
         angles = np.deg2rad(np.arange(-90, 270, 36))
         radii = np.tile([1.1, 0.45], 5)
