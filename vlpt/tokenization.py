@@ -7,25 +7,40 @@ only to their longest member, not to the full context.
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(corpus: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
-    """Train a lower-casing BERT-style WordPiece tokenizer on a caption corpus."""
-    raw = RawTokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A lower-casing BERT-style WordPiece tokenizer whose vocabulary is learned from a caption corpus.
+
+    The vocabulary is every character seen plus ASCII letters and digits (as a word start and as a
+    ``##`` continuation, so unseen words still tokenise) plus the most frequent whole words, ties broken
+    alphabetically. We count words ourselves because the ``tokenizers`` WordPiece/BPE trainers break
+    frequency ties differently on every run, which would make training runs irreproducible.
+    """
+    raw = RawTokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(SPECIAL_TOKENS)}, unk_token="[UNK]"))
     raw.normalizer = normalizers.BertNormalizer(lowercase=True)
     raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    raw.train_from_iterator(corpus, trainer=trainer)
-    cls_id, sep_id = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in raw.pre_tokenizer.pre_tokenize_str(raw.normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word} | set(string.ascii_lowercase + string.digits))
+    pieces = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    budget = max(0, vocab_size - len(pieces))
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:budget]
+    vocab = {token: i for i, token in enumerate(pieces + words)}
+    raw.model = models.WordPiece(vocab=vocab, unk_token="[UNK]")
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     raw.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )

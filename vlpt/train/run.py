@@ -66,8 +66,10 @@ def quick_eval_fn(config: RunConfig, cache_dir=None):
     return run
 
 
-def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None) -> tuple[object, float]:
-    """Train (or resume) into ``run_dir``; returns (model, train_seconds)."""
+def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
+        stop_after: int | None = None) -> tuple[object, float]:
+    """Train (or resume) into ``run_dir``; returns (model, train_seconds). ``stop_after`` ends early at
+    that step with a checkpoint, and without writing the final model."""
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,9 +90,10 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None) 
     if resume and not trainer.resume():
         log.info("no checkpoint in %s; starting from step 0", run_dir)
     start = time.perf_counter()
-    trainer.fit()
+    trainer.fit(stop_after)
     seconds = time.perf_counter() - start
-    model.save_pretrained(run_dir / "model")
+    if trainer.step >= config.train.steps:
+        model.save_pretrained(run_dir / "model")
     return model, seconds
 
 

@@ -152,14 +152,17 @@ class Trainer:
                                keep=self.config.keep_checkpoints)
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> list[dict[str, Any]]:
+    def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``config.steps``; with ``stop_after``, checkpoint and return at that step instead
+        (training in chunks, e.g. under a job time limit; ``resume`` continues exactly)."""
         cfg = self.config
+        end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.to(self.device).train()
         autocast = autocast_context(self.device, cfg.precision)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         window_images, window_start = 0, time.perf_counter()
-        while self.step < cfg.steps:
+        while self.step < end:
             batch = self.batches.batch(self.step)
             parts: dict[str, float] = {}
             for micro in split_batch(batch, cfg.accum_steps):
