@@ -5,8 +5,9 @@ from vlpt.config import ModelConfig, RunConfig, load_config
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _isolated(monkeypatch, tmp_path_factory):
     torch.set_num_threads(2)
+    monkeypatch.setenv("VLPT_CACHE", str(tmp_path_factory.getbasetemp() / "vlpt-cache"))  # not ~/.cache
 
 
 def tiny_model_config(**text) -> ModelConfig:

@@ -67,7 +67,7 @@ ANSWERS = tuple(
 )
 QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation")
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 def class_index(color: str, shape: str) -> int:
@@ -155,7 +155,7 @@ def sample_scene(
                 break
         objects.append(ShapeObject(
             shape=shape, color=color, size=SIZES[rng.integers(2)], cell=int(cell),
-            dx=float(rng.uniform(-0.06, 0.06)), dy=float(rng.uniform(-0.06, 0.06)),
+            dx=float(rng.uniform(-0.04, 0.04)), dy=float(rng.uniform(-0.04, 0.04)),
             rotation=float(rng.uniform(-15, 15)),
         ))
     background = tuple(int(v) for v in rng.integers(25, 95, size=3))
@@ -337,10 +337,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
         pts = [(1.05 * math.cos(a), 0.65 * math.sin(a)) for a in np.deg2rad(np.arange(0, 360, 60))]
     elif shape == "star":
         angles = np.deg2rad(np.arange(-90, 270, 36))
-        radii = np.tile([1.1, 0.45], 5)
+        radii = np.tile([1.15, 0.42], 5)
         pts = [(rr * math.cos(a), rr * math.sin(a)) for rr, a in zip(radii, angles)]
     elif shape == "cross":
-        t = 0.33
+        t = 0.36
         pts = [(t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t), (-t, -1), (t, -1), (t, -t),
                (1, -t), (1, t), (t, t)]
         pts = [(x * 0.9, y * 0.9) for x, y in pts]
@@ -366,7 +366,7 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator, supers
         draw = ImageDraw.Draw(mask)
         cx = (obj.col + 0.5 + obj.dx) * cell
         cy = (obj.row + 0.5 + obj.dy) * cell
-        r = cell * (0.42 if obj.size == "large" else 0.29)
+        r = cell * (0.44 if obj.size == "large" else 0.31)
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         else:
