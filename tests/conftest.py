@@ -23,7 +23,7 @@ def tiny_model_config(**text) -> ModelConfig:
 
 
 def tiny_run_config(steps: int = 6, **overrides) -> RunConfig:
-    sets = [f"model.embed_dim=32", "model.image.image_size=32", "model.text.hidden_size=32",
+    sets = ["model.embed_dim=32", "model.image.image_size=32", "model.text.hidden_size=32",
             "model.text.num_layers=1", "model.text.intermediate_size=64", "data.image_size=32",
             "data.train_size=256", f"train.steps={steps}", "train.batch_size=32", "train.warmup_steps=2",
             "train.log_every=1", "train.checkpoint_every=3", "train.eval_every=0", "eval.zero_shot_size=96",

@@ -63,7 +63,8 @@ def cmd_classify(images: list[Path], labels: str, model_dir: Path) -> list[dict]
     with torch.inference_mode():
         image_features = model.encode_image(_load_images(images, model))
         text_features = model.encode_text(names)
-        probs = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)
+        scale = model.logit_scale.clamp(0, model.config.max_logit_scale).exp()
+        probs = (scale * image_features @ text_features.T).softmax(dim=-1)
     results = []
     for path, p in zip(images, probs):
         ranked = sorted(zip(names, p.tolist()), key=lambda t: -t[1])

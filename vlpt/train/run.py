@@ -6,6 +6,7 @@ Run folder layout: ``config.yaml``, ``log.jsonl``, ``checkpoints/step_*/``, ``mo
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlpt.config import RunConfig, from_dict, load_config, save_config
+from vlpt.config import RunConfig, load_config, save_config
 from vlpt.data import digits, shapes
 from vlpt.data.pairs import PairBatches
 from vlpt.evaluate.report import write_report
@@ -107,8 +108,6 @@ def evaluate_run(run_dir: str | Path, model=None, extra: dict | None = None, cac
     history = []
     log_path = run_dir / "log.jsonl"
     if log_path.exists():
-        import json
-
         history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
         history = [row for row in history if "loss" in row]
     if "steps" not in metrics:
@@ -142,8 +141,6 @@ def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite:
         with atomic_directory(run_dir) as tmp:
             model, seconds = fit(config, tmp, cache_dir=cache_dir)
             evaluate_run(tmp, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
-        import json
-
         return json.loads((run_dir / "metrics.json").read_text())
     model, seconds = fit(config, run_dir, cache_dir=cache_dir)
     return evaluate_run(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
