@@ -54,7 +54,7 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
     exists (e.g. a test created it), its rank and size are returned and nothing is re-initialised.
     """
     if dist.is_available() and dist.is_initialized():
-        return DistributedEnv(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        return DistributedEnv(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                               world_size=dist.get_world_size(), backend=dist.get_backend())
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         return DistributedEnv()
