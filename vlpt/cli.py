@@ -29,7 +29,8 @@ def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overw
     cfg = load_config(config, overrides)
     run_dir = runs_dir / (name or cfg.name)
     metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
-    print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+    if metrics:  # empty on torchrun ranks other than 0, which write nothing
+        print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
 
 

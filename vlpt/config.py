@@ -72,6 +72,8 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 128  # the contrastive batch (per optimizer step, all micro-batches together)
     accum_steps: int = 1  # micro-batches per optimizer step
+    accum_mode: str = "plain"  # plain (each micro-batch is its own contrastive batch) | gradcache (one batch)
+    local_loss: bool = False  # multi-process InfoNCE: each rank computes only its own rows
     lr: float = 2e-3
     min_lr: float = 0.0  # cosine schedule floor
     weight_decay: float = 0.1

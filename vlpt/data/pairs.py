@@ -74,3 +74,18 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
     padded = torch.nn.functional.pad(images, (0, 0, max_shift, max_shift, max_shift, max_shift))
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator)
     return torch.stack([padded[b, dy[b]:dy[b] + H, dx[b]:dx[b] + W] for b in range(B)])
+
+
+class RankSlice:
+    """This rank's contiguous share of every global batch, so N processes together see exactly the
+    batch one process would: the contrastive batch (after the all-gather) is the global batch."""
+
+    def __init__(self, batches: PairBatches, rank: int, world_size: int):
+        if batches.batch_size % world_size:
+            raise ValueError(f"batch_size {batches.batch_size} must be divisible by the world size {world_size}")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        full = self.batches.batch(step)
+        k = self.batches.batch_size // self.world_size
+        return {key: value[self.rank * k:(self.rank + 1) * k] for key, value in full.items()}

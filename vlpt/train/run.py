@@ -16,7 +16,7 @@ import torch
 
 from vlpt.config import RunConfig, load_config, save_config
 from vlpt.data import digits, shapes
-from vlpt.data.pairs import PairBatches
+from vlpt.data.pairs import PairBatches, RankSlice
 from vlpt.evaluate.report import write_report
 from vlpt.evaluate.suite import embed_images, evaluate
 from vlpt.evaluate.zero_shot import SHAPES_TEMPLATES, accuracy, build_zero_shot_classifier, zero_shot_logits
@@ -25,8 +25,9 @@ from vlpt.io import atomic_directory
 from vlpt.models.dual_encoder import TOKENIZER_DIR
 from vlpt.tokenization import Tokenizer
 from vlpt.train.checkpoint import latest_checkpoint
+from vlpt.train.distributed import cleanup, init_distributed
 from vlpt.train.tasks import ContrastiveTask
-from vlpt.train.trainer import Trainer
+from vlpt.train.trainer import Trainer, resolve_device
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -70,11 +71,18 @@ def quick_eval_fn(config: RunConfig, cache_dir=None):
 def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
         stop_after: int | None = None) -> tuple[object, float]:
     """Train (or resume) into ``run_dir``; returns (model, train_seconds). ``stop_after`` ends early at
-    that step with a checkpoint, and without writing the final model."""
+    that step with a checkpoint, and without writing the final model.
+
+    Under torchrun every process runs this; each takes its slice of the global batch, DDP averages the
+    gradients, the losses gather features so the contrastive batch is global, and only rank 0 writes.
+    """
+    env = init_distributed()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+    log.info("training %s on %d process(es), rank %d", config.name, env.world_size, env.rank)
     images, captions, labels = load_train_data(config, cache_dir)
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if checkpoint is not None:  # the vocabulary must be the one the checkpoint was trained with
@@ -86,14 +94,23 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
         model.enable_text_cache()  # LiT: a frozen tower's caption features are computed once
     batches = PairBatches(images, captions, tokenizer, config.train.batch_size, config.train.seed,
                           labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
-    task = ContrastiveTask(model, config.train.loss, seed=config.train.seed)
-    trainer = Trainer(task, batches, config.train, run_dir, evaluate=quick_eval_fn(config, cache_dir))
+    trained = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = env.device if config.train.device == "auto" else resolve_device(config.train.device)
+        trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
+        batches = RankSlice(batches, env.rank, env.world_size)
+    task = ContrastiveTask(trained, config.train.loss, rank=env.rank, world_size=env.world_size,
+                           seed=config.train.seed, local_loss=config.train.local_loss)
+    trainer = Trainer(task, batches, config.train, run_dir, rank=env.rank, world_size=env.world_size,
+                      evaluate=quick_eval_fn(config, cache_dir) if env.rank == 0 else None, save_model=model)
     if resume and not trainer.resume():
         log.info("no checkpoint in %s; starting from step 0", run_dir)
     start = time.perf_counter()
     trainer.fit(stop_after)
     seconds = time.perf_counter() - start
-    if trainer.step >= config.train.steps:
+    if trainer.step >= config.train.steps and env.rank == 0:
         model.save_pretrained(run_dir / "model")
     return model, seconds
 
@@ -127,20 +144,25 @@ def read_run_config(run_dir: Path) -> RunConfig:
 def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
         cache_dir=None) -> dict[str, float]:
     """Train then evaluate. A new run never writes over an old one: without ``overwrite`` an existing
-    run folder is an error; with it, the new run is built aside and swapped in only when complete."""
+    run folder is an error; with it, the new run is built aside and swapped in only when complete.
+    Under torchrun, ranks other than 0 train alongside and write nothing."""
     run_dir = Path(run_dir)
-    if resume:
-        if (run_dir / CONFIG_FILE).exists():
-            config = read_run_config(run_dir)
-        model, seconds = fit(config, run_dir, resume=True, cache_dir=cache_dir)
-        return evaluate_run(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if resume and (run_dir / CONFIG_FILE).exists():
+        config = read_run_config(run_dir)
+    env = init_distributed()
+    if env.rank != 0:
+        fit(config, run_dir, resume=resume, cache_dir=cache_dir)
+        cleanup(env)
+        return {}
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise RunExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
                                  f"--overwrite to replace it once the new run completes, or choose another --name")
         with atomic_directory(run_dir) as tmp:
             model, seconds = fit(config, tmp, cache_dir=cache_dir)
+            cleanup(env)
             evaluate_run(tmp, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
         return json.loads((run_dir / "metrics.json").read_text())
-    model, seconds = fit(config, run_dir, cache_dir=cache_dir)
+    model, seconds = fit(config, run_dir, resume=resume, cache_dir=cache_dir)
+    cleanup(env)
     return evaluate_run(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)

@@ -13,11 +13,12 @@ class ContrastiveTask:
     """Image-text contrastive pre-training with InfoNCE, SigLIP or the pairwise matching loss."""
 
     def __init__(self, model: nn.Module, loss: str = "infonce", rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, local_loss: bool = False):
         self.loss_fn = get_loss(loss)  # fails early, listing the choices
         self.loss = loss
         self.model = model
         self.rank, self.world_size = rank, world_size
+        self.local_loss = local_loss
         self.generator = torch.Generator().manual_seed(seed)  # negatives for the pairwise loss
         core = getattr(model, "module", model)
         if loss in ("siglip", "pairwise") and core.logit_bias is None:
@@ -25,12 +26,16 @@ class ContrastiveTask:
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        args = dict(image_features=out["image_features"], text_features=out["text_features"],
-                    logit_scale=out["logit_scale"])
-        if self.loss == "infonce":
-            loss = self.loss_fn(**args, rank=self.rank, world_size=self.world_size)
-        elif self.loss == "siglip":
-            loss = self.loss_fn(**args, logit_bias=out["logit_bias"], rank=self.rank, world_size=self.world_size)
-        else:
-            loss = self.loss_fn(**args, logit_bias=out["logit_bias"], generator=self.generator)
+        loss = self.loss_from_features(out["image_features"], out["text_features"], out["logit_scale"],
+                                       out["logit_bias"])
         return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+
+    def loss_from_features(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                           logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> torch.Tensor:
+        """The loss over already-computed features (what GradCache calls on the cached batch)."""
+        args = dict(image_features=image_features, text_features=text_features, logit_scale=logit_scale)
+        if self.loss == "infonce":
+            return self.loss_fn(**args, rank=self.rank, world_size=self.world_size, local_loss=self.local_loss)
+        if self.loss == "siglip":
+            return self.loss_fn(**args, logit_bias=logit_bias, rank=self.rank, world_size=self.world_size)
+        return self.loss_fn(**args, logit_bias=logit_bias, generator=self.generator)

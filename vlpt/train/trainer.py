@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from vlpt.config import TrainConfig
 from vlpt.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from vlpt.train.gradcache import gradcache_step
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Trainer:
     def __init__(self, task: Task, batches: Batches, config: TrainConfig, run_dir: str | Path,
                  evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
                  rank: int = 0, world_size: int = 1, save_model: nn.Module | None = None):
+        if config.accum_mode not in ("plain", "gradcache"):
+            raise ValueError(f"unknown accum_mode {config.accum_mode!r}; choose from plain, gradcache")
         if config.batch_size % config.accum_steps:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}")
         self.task, self.batches, self.config = task, batches, config
@@ -165,13 +168,19 @@ class Trainer:
         while self.step < end:
             batch = self.batches.batch(self.step)
             parts: dict[str, float] = {}
-            for micro in split_batch(batch, cfg.accum_steps):
-                micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
+            if cfg.accum_mode == "gradcache":  # the contrastive batch is the whole accumulated batch
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 with autocast:
-                    out = self.task.training_step(micro)
-                (out["loss"] / cfg.accum_steps).backward()
-                for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+                    parts["loss"] = float(gradcache_step(self.model, batch, cfg.accum_steps,
+                                                         self.task.loss_from_features))
+            else:
+                for micro in split_batch(batch, cfg.accum_steps):
+                    micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
+                    with autocast:
+                        out = self.task.training_step(micro)
+                    (out["loss"] / cfg.accum_steps).backward()
+                    for k, v in out.items():
+                        parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
             if cfg.grad_clip > 0:
                 parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
             lr = self.optimizer.param_groups[0]["lr"]
@@ -184,7 +193,8 @@ class Trainer:
 
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                row = {"step": self.step, "lr": lr, **parts, "images_per_s": window_images / max(elapsed, 1e-9)}
+                row = {"step": self.step, "lr": lr, **parts, "images_per_s": window_images / max(elapsed, 1e-9),
+                       "world_size": self.world_size}
                 self._log(row)
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.0f}")
                 window_images, window_start = 0, time.perf_counter()

@@ -1,0 +1,191 @@
+"""Multimodal fusion: combine an image and a text representation into one vector for the task heads.
+
+Every method has one interface, chosen by name with ``create_fusion(FusionConfig(method=...))``:
+
+    fused = fusion(image_embed, text_embed, image_tokens, text_tokens, text_mask)  # (B, fusion.out_dim)
+
+- concat: [e_I, e_T]                                  (out_dim 2D)
+- sum:    e_I + e_T                                   (out_dim D)
+- gated:  σ(W_a [e_I, e_T]) · e_I + σ(W_b [e_I, e_T]) · e_T, vector gates   (out_dim D)
+- cross:  ALBEF-style: text tokens self-attend and cross-attend to image tokens (out_dim cross_width)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FUSION_METHODS = ("concat", "sum", "gated", "cross")
+
+
+@dataclass
+class FusionConfig:
+    method: str = "concat"  # concat | sum | gated | cross
+    dim: int = 128  # width D of the embeddings e_I and e_T (the dual encoder's embed_dim)
+    image_token_dim: int = 256  # width Ci of the image tower's tokens (cross only; resnet-tiny: 256)
+    text_token_dim: int = 128  # width Ct of the text tower's tokens (cross only; its hidden_size)
+    cross_width: int = 128  # width of the cross-attention Transformer, and its out_dim
+    cross_layers: int = 2  # blocks of (self-attention, cross-attention, MLP)
+    cross_heads: int = 4  # attention heads; must divide cross_width
+    dropout: float = 0.0  # on the fused vector, and inside the cross-attention blocks
+
+
+def create_fusion(config: FusionConfig) -> nn.Module:
+    """The fusion module named by ``config.method``; it has ``forward(...) -> (B, out_dim)`` and ``out_dim``."""
+    if config.method == "concat":
+        return ConcatFusion(config)
+    if config.method == "sum":
+        return SumFusion(config)
+    if config.method == "gated":
+        return GatedFusion(config)
+    if config.method == "cross":
+        return CrossAttentionFusion(config)
+    raise ValueError(f"unknown fusion method {config.method!r}; choose from {', '.join(FUSION_METHODS)}")
+
+
+class ConcatFusion(nn.Module):
+    """e = [e_I, e_T]."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.out_dim = 2 * config.dim
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
+                image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.drop(torch.cat([image_embed, text_embed], dim=-1))  # (B, 2D)
+
+
+class SumFusion(nn.Module):
+    """e = e_I + e_T: no parameters; relies on both embeddings living in the same (contrastive) space."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.out_dim = config.dim
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
+                image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.drop(image_embed + text_embed)  # (B, D)
+
+
+class GatedFusion(nn.Module):
+    """a = σ(W_a [e_I, e_T]), b = σ(W_b [e_I, e_T]), e = a·e_I + b·e_T: each pair decides, per
+    dimension, how much of each modality to keep (gated multimodal unit, Arevalo et al. 2017)."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.out_dim = config.dim
+        self.gate_image = nn.Linear(2 * config.dim, config.dim)  # W_a, b_a
+        self.gate_text = nn.Linear(2 * config.dim, config.dim)  # W_b, b_b
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
+                image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        both = torch.cat([image_embed, text_embed], dim=-1)  # (B, 2D)
+        a = torch.sigmoid(self.gate_image(both))  # (B, D)
+        b = torch.sigmoid(self.gate_text(both))  # (B, D)
+        return self.drop(a * image_embed + b * text_embed)  # (B, D)
+
+
+# ----------------------------------------------------------------------------- cross-attention (ALBEF)
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x over a context (x itself for self-attention)."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"cross_heads ({num_heads}) must divide cross_width ({width})")
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, W), context (B, S, W), mask (B, S) bool: True for keys that may be attended to."""
+        context = x if context is None else context
+        B, L, W = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, L, h, W // h).transpose(1, 2)  # (B, h, L, W/h)
+        k, v = self.kv(context).chunk(2, dim=-1)  # (B, S, W) each
+        k, v = (t.reshape(B, -1, h, W // h).transpose(1, 2) for t in (k, v))  # (B, h, S, W/h)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S), broadcast over heads and queries
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, h, L, W/h)
+        return self.out(y.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
+
+
+class CrossBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention over text, cross-attention text -> image, MLP; each residual."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln_self = nn.LayerNorm(width)
+        self.self_attn = Attention(width, num_heads, dropout)
+        self.ln_cross = nn.LayerNorm(width)
+        self.cross_attn = Attention(width, num_heads, dropout)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        text = text + self.drop(self.self_attn(self.ln_self(text), mask=text_mask))  # (B, L, W)
+        text = text + self.drop(self.cross_attn(self.ln_cross(text), context=image))  # (B, L, W)
+        return text + self.drop(self.mlp(self.ln_mlp(text)))  # (B, L, W)
+
+
+class CrossAttentionFusion(nn.Module):
+    """ALBEF's fusion encoder, small: text tokens attend to each other and to the image tokens.
+
+    The embeddings e_T and e_I enter as one extra token each, a [CLS]-like first text token and an
+    extra image token, so the global (contrastively trained) summaries are available to every layer.
+    The output is the mask-weighted mean of the output text tokens (the first token included).
+    """
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        width = config.cross_width
+        self.out_dim = width
+        self.text_in = nn.Linear(config.text_token_dim, width)  # (B, L, Ct) -> (B, L, W)
+        self.image_in = nn.Linear(config.image_token_dim, width)  # (B, N, Ci) -> (B, N, W)
+        self.text_embed_in = nn.Linear(config.dim, width)
+        self.image_embed_in = nn.Linear(config.dim, width)
+        self.blocks = nn.ModuleList(CrossBlock(width, config.cross_heads, config.dropout)
+                                    for _ in range(config.cross_layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.drop = nn.Dropout(config.dropout)
+        self.token_dims = (config.image_token_dim, config.text_token_dim)
+
+    def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
+                image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if image_tokens is None or text_tokens is None:
+            raise ValueError("cross fusion needs image_tokens (B, N, Ci) and text_tokens (B, L, Ct): pass the "
+                             "towers' forward_features tokens, or use the concat | sum | gated methods")
+        if (image_tokens.shape[-1], text_tokens.shape[-1]) != self.token_dims:
+            raise ValueError(f"cross fusion was built for token widths (image, text) = {self.token_dims}, "
+                             f"got {(image_tokens.shape[-1], text_tokens.shape[-1])}; set "
+                             f"FusionConfig.image_token_dim / text_token_dim to the towers' widths")
+        B, L, _ = text_tokens.shape
+        if text_mask is None:
+            text_mask = torch.ones(B, L, dtype=torch.bool, device=text_tokens.device)
+        first = torch.ones(B, 1, dtype=torch.bool, device=text_tokens.device)
+        mask = torch.cat([first, text_mask.bool()], dim=1)  # (B, 1+L); the first token is never masked
+        text = torch.cat([self.text_embed_in(text_embed)[:, None], self.text_in(text_tokens)], dim=1)  # (B, 1+L, W)
+        image = torch.cat([self.image_embed_in(image_embed)[:, None],
+                           self.image_in(image_tokens)], dim=1)  # (B, 1+N, W)
+        for block in self.blocks:
+            text = block(text, image, mask)  # (B, 1+L, W)
+        text = self.ln_f(text)
+        weights = mask.unsqueeze(-1).to(text.dtype)  # (B, 1+L, 1)
+        pooled = (text * weights).sum(1) / weights.sum(1)  # (B, W); padded tokens drop out here too
+        return self.drop(pooled)
