@@ -31,7 +31,6 @@ class PairBatches:
         self.seed = seed
         self.augment = augment
         flat = [c for caps in captions for c in caps]
-        self.caption_owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
         self.caption_start = torch.tensor(np.cumsum([0] + [len(c) for c in captions[:-1]]))
         self.caption_count = torch.tensor([len(c) for c in captions])
         tokens = tokenizer(flat)  # padded to the longest caption in the corpus

@@ -27,7 +27,7 @@ from vlpt.tokenization import Tokenizer
 from vlpt.train.checkpoint import latest_checkpoint
 from vlpt.train.distributed import cleanup, init_distributed
 from vlpt.train.tasks import ContrastiveTask
-from vlpt.train.trainer import Trainer, resolve_device
+from vlpt.train.trainer import Trainer, read_log, resolve_device
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -122,11 +122,7 @@ def evaluate_run(run_dir: str | Path, model=None, extra: dict | None = None, cac
     model = model or load_model(run_dir)
     result = evaluate(model, config.data, config.eval, cache_dir)
     metrics = {**result.metrics, **(extra or {})}
-    history = []
-    log_path = run_dir / "log.jsonl"
-    if log_path.exists():
-        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        history = [row for row in history if "loss" in row]
+    history = [row for row in read_log(run_dir / "log.jsonl") if "loss" in row]
     if "steps" not in metrics:
         metrics["steps"] = config.train.steps
     write_report(run_dir, metrics, history=history, confusion=result.confusion, class_names=result.class_names,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vlpt.config import TrainConfig
 from vlpt.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from vlpt.train.gradcache import gradcache_step
+from vlpt.train.gradcache import gradcache_step, split_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    if parts == 1:
-        return [batch]
-    chunks = {k: v.chunk(parts) for k, v in batch.items()}
-    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``log.jsonl`` (training and periodic-eval rows), or [] if there is none."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Trainer:
@@ -138,9 +138,7 @@ class Trainer:
         return True
 
     def _read_log(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        return read_log(self.log_path)
 
     def _log(self, row: dict[str, Any]) -> None:
         self.history.append(row)
@@ -174,7 +172,7 @@ class Trainer:
                     parts["loss"] = float(gradcache_step(self.model, batch, cfg.accum_steps,
                                                          self.task.loss_from_features))
             else:
-                for micro in split_batch(batch, cfg.accum_steps):
+                for micro in split_micro_batches(batch, cfg.accum_steps):
                     micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
                     with autocast:
                         out = self.task.training_step(micro)
