@@ -45,6 +45,27 @@ def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 512)
     return torch.cat(out)  # (N, D)
 
 
+def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = False, cache_dir=None):
+    """A split of the run's data set: shapes scenes (1-3 objects, or single-object) or digits.
+    The training-only shapes options (twins, count weights) apply to the multi-object train split."""
+    if data.dataset == "shapes":
+        train_only = {}
+        if split == "train" and not single:
+            train_only = dict(twins=data.twins, count_weights=data.count_weights)
+        return shapes.ShapesDataset(shapes.ShapesConfig(
+            split=split, size=size, image_size=data.image_size, min_objects=1, max_objects=1 if single else 3,
+            num_captions=data.num_captions, seed=data.seed, **train_only), cache_dir=cache_dir)
+    if data.dataset == "digits":
+        return digits.DigitsDataset(digits.DigitsConfig(split=split, image_size=data.image_size,
+                                                        num_captions=data.num_captions))
+    raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, shapes")
+
+
+def shapes_classifier(model: DualEncoder) -> torch.Tensor:
+    """The 48-way (color, shape) zero-shot classifier (D, 48) from the prompt-template ensemble."""
+    return build_zero_shot_classifier(lambda texts: embed_texts(model, texts), shapes.CLASS_NAMES, SHAPES_TEMPLATES)
+
+
 def _retrieval(model: DualEncoder, images: np.ndarray, captions: Sequence[Sequence[str]], batch_size: int,
                num_examples: int = 4) -> tuple[dict[str, float], list[Any]]:
     texts = [c for caps in captions for c in caps]
@@ -58,17 +79,14 @@ def _retrieval(model: DualEncoder, images: np.ndarray, captions: Sequence[Sequen
 def evaluate_shapes(model: DualEncoder, data: DataConfig, config: EvalConfig, cache_dir=None) -> EvalResult:
     """Zero-shot (48-way, shape, color, compositional), retrieval on 1-3 object scenes, linear probe."""
     def load(split: str, size: int, single: bool) -> shapes.ShapesDataset:
-        n = 1 if single else 3
-        return shapes.ShapesDataset(shapes.ShapesConfig(
-            split=split, size=size, image_size=data.image_size, min_objects=1, max_objects=n,
-            num_captions=data.num_captions, seed=data.seed), cache_dir=cache_dir)
+        return load_split(data, split, size, single, cache_dir)
 
     model.eval()
     bs = config.batch_size
     encode = lambda texts: embed_texts(model, texts)  # noqa: E731
     single = load("test", config.zero_shot_size, single=True)
     features = embed_images(model, single.images, bs)
-    classifier = build_zero_shot_classifier(encode, shapes.CLASS_NAMES, SHAPES_TEMPLATES)
+    classifier = shapes_classifier(model)
     logits = zero_shot_logits(features, classifier)
     labels = torch.from_numpy(single.labels)
     metrics = accuracy(logits, labels, topk=(1, 5), prefix="zeroshot_")
@@ -99,9 +117,7 @@ def evaluate_digits(model: DualEncoder, data: DataConfig, config: EvalConfig) ->
     No retrieval: digit captions come from a few templates, so many images share identical captions
     and recall@K would measure tie-breaking, not the model."""
     model.eval()
-    load = lambda split: digits.DigitsDataset(digits.DigitsConfig(  # noqa: E731
-        split=split, image_size=data.image_size, num_captions=data.num_captions))
-    train, test = load("train"), load("test")
+    train, test = load_split(data, "train"), load_split(data, "test")
     features = embed_images(model, test.images, config.batch_size)
     prompts = [[digits.fill_template(t, label) for t in digits.EVAL_TEMPLATES] for label in range(digits.NUM_CLASSES)]
     classifier = build_prompt_classifier(lambda texts: embed_texts(model, texts), prompts)
@@ -114,8 +130,6 @@ def evaluate_digits(model: DualEncoder, data: DataConfig, config: EvalConfig) ->
 
 
 def evaluate(model: DualEncoder, data: DataConfig, config: EvalConfig, cache_dir=None) -> EvalResult:
-    if data.dataset == "shapes":
-        return evaluate_shapes(model, data, config, cache_dir)
     if data.dataset == "digits":
         return evaluate_digits(model, data, config)
-    raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, shapes")
+    return evaluate_shapes(model, data, config, cache_dir)  # an unknown dataset fails in load_split

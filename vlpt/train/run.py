@@ -15,11 +15,10 @@ import numpy as np
 import torch
 
 from vlpt.config import RunConfig, load_config, save_config
-from vlpt.data import digits, shapes
 from vlpt.data.pairs import PairBatches, RankSlice
 from vlpt.evaluate.report import write_report
-from vlpt.evaluate.suite import embed_images, evaluate
-from vlpt.evaluate.zero_shot import SHAPES_TEMPLATES, accuracy, build_zero_shot_classifier, zero_shot_logits
+from vlpt.evaluate.suite import embed_images, evaluate, load_split, shapes_classifier
+from vlpt.evaluate.zero_shot import accuracy, zero_shot_logits
 from vlpt.factory import create_model, get_tokenizer, load_model
 from vlpt.io import atomic_directory
 from vlpt.models.dual_encoder import TOKENIZER_DIR
@@ -38,16 +37,7 @@ class RunExistsError(FileExistsError):
 
 
 def load_train_data(config: RunConfig, cache_dir=None) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
-    data = config.data
-    if data.dataset == "shapes":
-        ds = shapes.ShapesDataset(shapes.ShapesConfig(
-            split="train", size=data.train_size, image_size=data.image_size, num_captions=data.num_captions,
-            seed=data.seed, twins=data.twins, count_weights=data.count_weights), cache_dir=cache_dir)
-    elif data.dataset == "digits":
-        ds = digits.DigitsDataset(digits.DigitsConfig(split="train", image_size=data.image_size,
-                                                      num_captions=data.num_captions))
-    else:
-        raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, shapes")
+    ds = load_split(config.data, "train", config.data.train_size, cache_dir=cache_dir)
     return ds.images, ds.captions, ds.labels
 
 
@@ -55,15 +45,10 @@ def quick_eval_fn(config: RunConfig, cache_dir=None):
     """A cheap periodic check: 48-way zero-shot on 200 single-object validation scenes (shapes only)."""
     if config.data.dataset != "shapes":
         return None
-    val = shapes.ShapesDataset(shapes.ShapesConfig(
-        split="val", size=200, image_size=config.data.image_size, min_objects=1, max_objects=1,
-        seed=config.data.seed), cache_dir=cache_dir)
+    val = load_split(config.data, "val", 200, single=True, cache_dir=cache_dir)
 
     def run(model, step: int) -> dict[str, float]:
-        with torch.inference_mode():
-            clf = build_zero_shot_classifier(lambda t: model.encode_text(t).float().cpu(), shapes.CLASS_NAMES,
-                                             SHAPES_TEMPLATES)
-        logits = zero_shot_logits(embed_images(model, val.images), clf)
+        logits = zero_shot_logits(embed_images(model, val.images), shapes_classifier(model))
         return accuracy(logits, torch.from_numpy(val.labels), prefix="val_zeroshot_")
     return run
 
