@@ -1,9 +1,11 @@
 """Two real gloo processes (DDP on CPU, loopback only) against one process on the global batch.
 
-Each rank holds half of a global batch of 8; the losses all-gather features with gradients and DDP
-averages parameter gradients. The loss averaged over ranks and every parameter's gradient must
-equal those of a single process on all 8 pairs. All cases run in one spawn, to keep start-up
-(importing torch, building the model) to once per rank.
+Each rank holds half of a global batch of 8; the losses all-gather features with gradients (or, for
+SigLIP's neighbour exchange, pass text chunks round the ring) and DDP averages parameter gradients.
+The loss averaged over ranks and every parameter's gradient must equal those of a single process on
+all 8 pairs. All cases run in one spawn, to keep start-up (importing torch, building the model) to
+once per rank. With two ranks a rank's left and right neighbours are the same process, so the ring's
+direction is checked separately on three ranks (features only, no model).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import tiny_model_config
 from vlpt.factory import create_model, get_tokenizer
-from vlpt.losses import infonce_loss, siglip_loss
+from vlpt.losses import infonce_loss, siglip_loss, siglip_neighbour_loss
 from vlpt.train.distributed import (
     DistributedEnv,
     barrier,
@@ -36,13 +39,15 @@ WORLD_SIZE = 2
 GLOBAL_BATCH = 8
 CORPUS = [f"a {size} {color} {shape}" for size in ("small", "large")
           for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "star")]
-# case -> (loss, local_loss, GradCache micro-batches per rank or 0 for a plain step)
+# case -> (loss, local_loss, siglip_exchange, GradCache micro-batches per rank or 0 for a plain step)
 CASES = {
-    "infonce": ("infonce", False, 0),
-    "infonce_local": ("infonce", True, 0),
-    "siglip": ("siglip", False, 0),
-    "infonce_gradcache": ("infonce", False, 2),
-    "siglip_gradcache": ("siglip", False, 2),
+    "infonce": ("infonce", False, "gather", 0),
+    "infonce_local": ("infonce", True, "gather", 0),
+    "siglip": ("siglip", False, "gather", 0),
+    "siglip_neighbour": ("siglip", False, "neighbour", 0),
+    "infonce_gradcache": ("infonce", False, "gather", 2),
+    "siglip_gradcache": ("siglip", False, "gather", 2),
+    "siglip_neighbour_gradcache": ("siglip", False, "neighbour", 2),
 }
 
 
@@ -62,11 +67,12 @@ def _global_batch(tokenizer) -> dict[str, Tensor]:
     return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
-def _loss_fn(loss: str, local_loss: bool, rank: int, world_size: int):
+def _loss_fn(loss: str, local_loss: bool, exchange: str, rank: int, world_size: int):
     if loss == "infonce":
         return lambda img, txt, scale, bias: infonce_loss(img, txt, scale, rank=rank, world_size=world_size,
                                                           local_loss=local_loss)
-    return lambda img, txt, scale, bias: siglip_loss(img, txt, scale, bias, rank=rank, world_size=world_size)
+    siglip = siglip_neighbour_loss if exchange == "neighbour" else siglip_loss
+    return lambda img, txt, scale, bias: siglip(img, txt, scale, bias, rank=rank, world_size=world_size)
 
 
 def _step(model: nn.Module, batch: dict[str, Tensor], loss_fn, micro_batches: int) -> Tensor:
@@ -88,9 +94,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         tokenizer = get_tokenizer(tiny_model_config(), CORPUS)
         batch = _global_batch(tokenizer)
         local = {k: v.chunk(world_size)[env.rank] for k, v in batch.items()}  # this rank's 4 pairs
-        for case, (loss, local_loss, micro_batches) in CASES.items():
+        for case, (loss, local_loss, exchange, micro_batches) in CASES.items():
             model = DistributedDataParallel(_model(loss, tokenizer))
-            value = _step(model, local, _loss_fn(loss, local_loss, env.rank, env.world_size), micro_batches)
+            loss_fn = _loss_fn(loss, local_loss, exchange, env.rank, env.world_size)
+            value = _step(model, local, loss_fn, micro_batches)
             # What DDP optimises is the mean over ranks of each rank's loss.
             dist.all_reduce(value)
             value /= env.world_size
@@ -118,13 +125,14 @@ def distributed_results(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_gloo_ranks_match_one_process(case, distributed_results):
-    loss, local_loss, _ = CASES[case]
+    loss = CASES[case][0]
     got = torch.load(distributed_results / f"{case}.pt", weights_only=True)
     assert got["env"] == [0, WORLD_SIZE, "gloo"]
 
+    # The reference is the plain loss (all-gather variant, no local_loss) in one process.
     tokenizer = get_tokenizer(tiny_model_config(), CORPUS)
     model = _model(loss, tokenizer)
-    want_loss = _step(model, _global_batch(tokenizer), _loss_fn(loss, local_loss, 0, 1), micro_batches=0)
+    want_loss = _step(model, _global_batch(tokenizer), _loss_fn(loss, False, "gather", 0, 1), micro_batches=0)
 
     torch.testing.assert_close(got["loss"], want_loss, atol=1e-5, rtol=0)
     names = [n for n, _ in model.named_parameters()]
@@ -132,6 +140,74 @@ def test_two_gloo_ranks_match_one_process(case, distributed_results):
     for name, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][name], p.grad, atol=1e-5, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- SigLIP ring on three ranks
+
+RING_WORLD_SIZE = 3
+RING_BATCH = 4  # per rank
+RING_SCALE, RING_BIAS = 7.0, -3.0
+
+
+def _ring_features() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = RING_WORLD_SIZE * RING_BATCH
+    img = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)  # (N, D)
+    txt = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)  # (N, D)
+    return img, txt
+
+
+def _siglip_with_grads(loss_fn, img: Tensor, txt: Tensor, **dist_args) -> list[Tensor]:
+    """[loss, d/d img, d/d txt, d/d scale, d/d bias] of ``loss_fn`` on leaf copies of the inputs."""
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    scale = torch.tensor(RING_SCALE, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(RING_BIAS, dtype=torch.float64, requires_grad=True)
+    loss = loss_fn(img, txt, scale, bias, **dist_args)
+    loss.backward()
+    return [loss.detach(), img.grad, txt.grad, scale.grad, bias.grad]
+
+
+def _ring_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of three: SigLIP on its slice of the global features, with either exchange."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        img, txt = _ring_features()
+        for name, loss_fn in (("gather", siglip_loss), ("neighbour", siglip_neighbour_loss)):
+            parts = _siglip_with_grads(loss_fn, img.chunk(world_size)[rank], txt.chunk(world_size)[rank],
+                                       rank=rank, world_size=world_size)
+            gathered = []
+            for part in parts:
+                out = [torch.empty_like(part) for _ in range(world_size)]
+                dist.all_gather(out, part)
+                gathered.append(out)
+            if rank == 0:
+                loss, img_grad, txt_grad, scale_grad, bias_grad = gathered
+                # What DDP would optimise: means over ranks (features: rank r's rows of the global batch).
+                torch.save({"loss": torch.stack(loss).mean(), "img": torch.cat(img_grad) / world_size,
+                            "txt": torch.cat(txt_grad) / world_size, "scale": torch.stack(scale_grad).mean(),
+                            "bias": torch.stack(bias_grad).mean()}, Path(out_dir) / f"{name}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ring_results(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("ring")
+    mp.spawn(_ring_worker, args=(RING_WORLD_SIZE, _free_port(), str(out_dir)), nprocs=RING_WORLD_SIZE, join=True)
+    return out_dir
+
+
+@pytest.mark.parametrize("exchange", ["gather", "neighbour"])
+def test_siglip_on_three_ranks_matches_one_process(exchange, ring_results):
+    got = torch.load(ring_results / f"{exchange}.pt", weights_only=True)
+    img, txt = _ring_features()
+    loss, img_grad, txt_grad, scale_grad, bias_grad = _siglip_with_grads(siglip_loss, img, txt)
+    want = {"loss": loss, "img": img_grad, "txt": txt_grad, "scale": scale_grad, "bias": bias_grad}
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-10, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_single_process_without_torchrun_env(monkeypatch):

@@ -11,15 +11,19 @@ import torch.nn.functional as F
 
 from vlpt.losses import (
     LOSSES,
+    SIGLIP_EXCHANGES,
     binary_matching_loss,
     gather_features,
     get_loss,
+    get_siglip_loss,
     infonce_loss,
     pairwise_loss,
     pairwise_matching_loss,
     sample_negatives,
     siglip_loss,
+    siglip_neighbour_loss,
 )
+from vlpt.train.tasks import ContrastiveTask
 
 
 def _features(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +103,46 @@ def test_siglip_matches_reference(scale, bias):
     got = siglip_loss(img, txt, torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64))
     want = _ref_siglip(img.numpy(), txt.numpy(), scale, bias)
     assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_siglip_neighbour_single_process_is_the_local_loss():
+    img, txt = _features(b=5)
+    img, txt = img.requires_grad_(), txt.requires_grad_()
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    got = siglip_neighbour_loss(img, txt, scale, bias)
+    assert got.item() == pytest.approx(_ref_siglip(img.detach().numpy(), txt.detach().numpy(), 10.0, -10.0), rel=1e-9)
+    got_grads = torch.autograd.grad(got, (img, txt, scale, bias))
+    want_grads = torch.autograd.grad(siglip_loss(img, txt, scale, bias), (img, txt, scale, bias))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+def test_siglip_neighbour_needs_a_process_group():
+    img, txt = _features()
+    with pytest.raises(RuntimeError, match="process group"):
+        siglip_neighbour_loss(img, txt, torch.tensor(1.0), torch.tensor(0.0), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        siglip_neighbour_loss(img, txt, torch.tensor(1.0), torch.tensor(0.0), rank=2, world_size=2)
+
+
+class _BiasOnly(torch.nn.Module):
+    """Just enough model for ContrastiveTask's constructor checks."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+
+
+def test_siglip_exchange_choice_and_unknown_name():
+    assert get_siglip_loss("gather") is siglip_loss
+    assert get_siglip_loss("neighbour") is siglip_neighbour_loss
+    assert ContrastiveTask(_BiasOnly(), "siglip", siglip_exchange="neighbour").loss_fn is siglip_neighbour_loss
+    assert ContrastiveTask(_BiasOnly(), "siglip").loss_fn is siglip_loss
+    for loss in ("siglip", "infonce"):  # a typo fails even when the loss is not SigLIP
+        with pytest.raises(ValueError) as err:
+            ContrastiveTask(_BiasOnly(), loss, siglip_exchange="ring")
+        assert "ring" in str(err.value) and all(name in str(err.value) for name in SIGLIP_EXCHANGES)
 
 
 # ----------------------------------------------------------------------------- pairwise matching

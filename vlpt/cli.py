@@ -18,6 +18,8 @@ import torch
 from vlpt.config import ConfigError, list_configs, load_config
 from vlpt.data.shapes import default_cache_dir
 from vlpt.io import ImageLoadError, load_image
+from vlpt.models.fusion import FUSION_METHODS
+from vlpt.models.task_model import TASKS
 
 DEFAULT_RUNS = Path("runs")
 
@@ -34,10 +36,50 @@ def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overw
     return metrics
 
 
+def cmd_finetune(task: str, fusion: str | None, from_run: Path | None, freeze_towers: bool, config: str,
+                 name: str | None, runs_dir: Path, resume: bool, overwrite: bool, overrides: list[str]) -> dict:
+    from vlpt.config import apply_overrides
+    from vlpt.train.finetune import evaluate_finetune_run, finetune_config, fit_finetune
+    from vlpt.train.run import run
+
+    if from_run is not None and not from_run.exists():
+        raise FileNotFoundError(f"--from {from_run}: no such run or model folder")
+    cfg = apply_overrides(finetune_config(load_config(config), task, fusion, from_run, freeze_towers), overrides)
+    default_name = task if task == "classify" else f"{task}-{cfg.finetune.fusion}"
+    run_dir = runs_dir / (name or default_name)
+    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir(),
+                  fit_fn=fit_finetune, evaluate_fn=evaluate_finetune_run)
+    print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+    return metrics
+
+
+def cmd_ask(image: Path, question: str, model_dir: Path) -> tuple[str, float]:
+    from vlpt.factory import load_task_model
+
+    answer, prob = load_task_model(model_dir).answer([image], [question])[0]
+    print(f"{answer}  (p={prob:.3f})")
+    return answer, prob
+
+
+def cmd_match(image: Path, caption: str, model_dir: Path) -> float:
+    from vlpt.factory import load_task_model
+
+    prob = load_task_model(model_dir).match([image], [caption])[0]
+    print(f"{'match' if prob > 0.5 else 'no match'}  (p={prob:.3f})")
+    return prob
+
+
+def _is_task_run(run_dir: Path) -> bool:
+    config = run_dir / "model" / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "vlpt-task"
+
+
 def cmd_eval(run_dir: Path) -> dict:
+    from vlpt.train.finetune import evaluate_finetune_run
     from vlpt.train.run import evaluate_run
 
-    metrics = evaluate_run(run_dir, cache_dir=default_cache_dir())
+    evaluate = evaluate_finetune_run if _is_task_run(run_dir) else evaluate_run
+    metrics = evaluate(run_dir, cache_dir=default_cache_dir())
     print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
 
@@ -117,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
 
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained run with fusion and a task head, then evaluate")
+    p.add_argument("--task", required=True, choices=TASKS, help="classify: image -> class; match: image + caption "
+                   "-> yes/no; vqa: image + question -> answer")
+    p.add_argument("--fusion", choices=FUSION_METHODS, help="how image and text meet (match, vqa); default cross")
+    p.add_argument("--from", dest="from_run", type=Path, help="pre-trained run or model folder (default: from scratch)")
+    p.add_argument("--freeze-towers", action="store_true", help="train only fusion + head (linear probe for classify)")
+    p.add_argument("--config", default="finetune", help="fine-tuning config: train budget, data sizes")
+    p.add_argument("--name", help="run name (default: TASK or TASK-FUSION)")
+    p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("ask", help="answer a question about an image with a vqa model")
+    p.add_argument("image", type=Path)
+    p.add_argument("question")
+    p.add_argument("--model", type=Path, required=True, help="a `vlpt finetune --task vqa` run or model folder")
+
+    p = sub.add_parser("match", help="probability that a caption describes an image, with a match model")
+    p.add_argument("image", type=Path)
+    p.add_argument("caption")
+    p.add_argument("--model", type=Path, required=True, help="a `vlpt finetune --task match` run or model folder")
+
     p = sub.add_parser("eval", help="evaluate a run's model and rewrite its metrics.json and report.md")
     p.add_argument("run_dir", type=Path)
 
@@ -146,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             cmd_train(args.config, args.name, args.runs_dir, args.resume, args.overwrite, args.overrides)
+        elif args.command == "finetune":
+            cmd_finetune(args.task, args.fusion, args.from_run, args.freeze_towers, args.config, args.name,
+                         args.runs_dir, args.resume, args.overwrite, args.overrides)
+        elif args.command == "ask":
+            cmd_ask(args.image, args.question, args.model)
+        elif args.command == "match":
+            cmd_match(args.image, args.caption, args.model)
         elif args.command == "eval":
             cmd_eval(args.run_dir)
         elif args.command == "demo":

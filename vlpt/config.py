@@ -68,12 +68,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "contrastive"  # contrastive | caption | coca (vlpt.train.caption runs the last two)
     loss: str = "infonce"  # infonce | siglip | pairwise
     steps: int = 1000
     batch_size: int = 128  # the contrastive batch (per optimizer step, all micro-batches together)
     accum_steps: int = 1  # micro-batches per optimizer step
     accum_mode: str = "plain"  # plain (each micro-batch is its own contrastive batch) | gradcache (one batch)
     local_loss: bool = False  # multi-process InfoNCE: each rank computes only its own rows
+    siglip_exchange: str = "gather"  # multi-process SigLIP: gather (all-gather texts) | neighbour (ring of P2P chunk exchanges)
     lr: float = 2e-3
     min_lr: float = 0.0  # cosine schedule floor
     weight_decay: float = 0.1
@@ -99,12 +101,53 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    task: str = "classify"  # classify (image -> class) | match (image, caption -> yes/no) | vqa (image, question -> answer)
+    fusion: str = "cross"  # concat | sum | gated | cross; match and vqa only (classify reads the image embedding)
+    from_run: str | None = None  # pre-trained run or model folder; None: towers from scratch (model section)
+    freeze_towers: bool = False  # train only fusion + head (with a linear head: the linear probe)
+    head_hidden: int | None = None  # classify: hidden width of an MLP head; None: linear
+    train_size: int = 10000  # shapes scenes to fine-tune on (digits: its fixed train split)
+    test_size: int = 1000  # held-out shapes scenes to score on
+    cross_width: int = 128  # cross fusion: Transformer width
+    cross_layers: int = 2  # cross fusion: blocks of (self-attention, cross-attention, MLP)
+    cross_heads: int = 4
+
+
+@dataclass
+class CaptionerConfig:
+    width: int = 256  # caption decoder width
+    layers: int = 3  # decoder blocks: causal self-attention, cross-attention to image tokens, MLP
+    heads: int = 4  # attention heads; must divide width
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * width
+    max_length: int = 32  # token positions: the longest caption, [CLS] and [SEP] included
+    dropout: float = 0.0  # inside the decoder blocks
+    vocab_size: int = 0  # filled in from the tokenizer when the captioner is built
+
+
+@dataclass
+class CaptionConfig:
+    model: CaptionerConfig = field(default_factory=CaptionerConfig)  # the decoder (the towers: section model)
+    from_run: str | None = None  # pre-trained dual encoder (run or model folder); None: towers from scratch
+    freeze_towers: bool = False  # lock the dual encoder (needs from_run): only the decoder trains
+    caption_weight: float = 2.0  # coca: weight of the captioning loss (the CoCa paper uses 2)
+    contrastive_weight: float = 1.0  # coca: weight of the contrastive loss
+    label_smoothing: float = 0.0  # of the captioning cross-entropy
+    eval_size: int = 500  # held-out images captioned by the evaluation (digits: its whole test split)
+    beam: int = 3  # beam width of the evaluation's beam search (greedy is always evaluated too)
+    length_penalty: float = 1.0  # beam search ranks by sum log p / length ** length_penalty
+    grid_images: int = 16  # test images shown with their generated captions in the report
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
 
 T = TypeVar("T")

@@ -54,6 +54,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEnco
     return DualEncoder.from_pretrained(find_model_dir(path), device=device)
 
 
+def load_task_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a fine-tuned task model (``vlpt finetune``: classify, match or vqa) from its folder or run."""
+    from vlpt.models.task_model import TaskModel
+
+    return TaskModel.from_pretrained(find_model_dir(path), device=device)
+
+
 def image_transform(model_or_config: DualEncoder | ModelConfig):
     """The PIL -> tensor preprocessing that matches a model's image tower."""
     config = model_or_config.config if isinstance(model_or_config, DualEncoder) else model_or_config

@@ -10,6 +10,8 @@ to a rank's local features. Together, one step's effective objective is ``mean o
 per-rank loss``. Each loss below is normalised so that this mean equals the loss of a single
 process on the global batch, so training with N ranks of batch B matches one process with batch
 N * B. All ranks must use the same local batch size (all-gather needs equal shapes).
+``siglip_neighbour_loss`` follows the same convention with point-to-point exchanges round a ring
+of ranks instead of an all-gather (its backward sends each chunk's gradient back to its owner).
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def _all_gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)  # (world_size * B, D)
 
 
+def _check_distributed(rank: int, world_size: int) -> None:
+    """``rank`` / ``world_size`` describe a live process group (only called with world_size != 1)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"world_size={world_size} needs an initialised torch.distributed process group"
+        )
+
+
 def gather_features(
     image_features: Tensor,
     text_features: Tensor,
@@ -58,14 +72,7 @@ def gather_features(
     del local_loss  # see docstring: no effect with an autograd all-gather
     if world_size == 1:
         return image_features, text_features
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise RuntimeError(
-            f"world_size={world_size} needs an initialised torch.distributed process group"
-        )
+    _check_distributed(rank, world_size)
     return _all_gather_with_grad(image_features), _all_gather_with_grad(text_features)
 
 
@@ -136,6 +143,94 @@ def siglip_loss(
     cols = torch.arange(b, device=logits.device) + rank * b
     labels[torch.arange(b, device=logits.device), cols] = 1.0
     return -F.logsigmoid(labels * logits).sum() / b
+
+
+def _p2p_shift(x: Tensor, send_to: int, recv_from: int) -> Tensor:
+    """Send ``x`` to rank ``send_to`` and return the tensor of the same shape from ``recv_from``."""
+    import torch.distributed as dist
+
+    x = x.contiguous()
+    received = torch.empty_like(x)
+    # Posted together, so no rank blocks in a send while its peer is itself still sending.
+    ops = [dist.P2POp(dist.isend, x, send_to), dist.P2POp(dist.irecv, received, recv_from)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _RingShift(torch.autograd.Function):
+    """Every rank sends its tensor to the next rank and gets the previous rank's.
+
+    Forward: send to ``(rank + 1) % W``, receive from ``(rank - 1) % W``. The received tensor is
+    the previous rank's, so its gradient belongs there: backward runs the same shift the other
+    way (send the gradient to ``rank - 1``, receive the gradient of our own input from
+    ``rank + 1``). Chained shifts thus carry each chunk's gradient hop by hop back to its owner.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, world_size: int) -> Tensor:
+        ctx.rank, ctx.world_size = rank, world_size
+        return _p2p_shift(x, send_to=(rank + 1) % world_size, recv_from=(rank - 1) % world_size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        rank, world_size = ctx.rank, ctx.world_size
+        return _p2p_shift(grad, send_to=(rank - 1) % world_size, recv_from=(rank + 1) % world_size), None, None
+
+
+def siglip_neighbour_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tensor:
+    """``siglip_loss`` with text chunks passed round a ring of ranks instead of all-gathered.
+
+    Each rank first scores its B images against its own B texts (positives on the diagonal),
+    then ``world_size - 1`` times passes the text chunk it holds to rank ``rank + 1`` and scores
+    its images against the chunk it got from rank ``rank - 1`` (all negatives, label -1): after
+    the k-th pass it holds the texts of rank ``rank - k``. The per-rank loss and its gradients
+    equal ``siglip_loss`` with the all-gather (up to summation order), so the same normalisation
+    argument holds: the mean over ranks is the single-process loss on the global batch.
+
+    The shifts are point-to-point (``send`` / ``recv``, which gloo supports on CPU), one (B, D)
+    chunk per rank and round, and no (N, D) gathered texts or (B, N) logits / labels matrix is
+    built at once. With gradients on, autograd still keeps each received chunk and (B, B) block
+    for backward, so what backward stores is the same as with the all-gather; the saving is in
+    communication and transient buffers. With ``world_size == 1`` this is the plain
+    single-process SigLIP loss.
+    """
+    _check_features(image_features, text_features)
+    b = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
+    labels = 2 * torch.eye(b, device=logits.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 elsewhere
+    loss = -F.logsigmoid(labels * logits).sum()
+    if world_size == 1:
+        return loss / b
+    _check_distributed(rank, world_size)
+    texts = text_features
+    for _ in range(world_size - 1):
+        texts = _RingShift.apply(texts, rank, world_size)  # (B, D) texts of rank (rank - k) % W
+        logits = logit_scale * image_features @ texts.T + logit_bias  # (B, B), no positives
+        loss = loss - F.logsigmoid(-logits).sum()
+    return loss / b
+
+
+# How a multi-process SigLIP loss reaches the other ranks' texts (TrainConfig.siglip_exchange).
+SIGLIP_EXCHANGES: dict[str, Callable[..., Tensor]] = {
+    "gather": siglip_loss,
+    "neighbour": siglip_neighbour_loss,
+}
+
+
+def get_siglip_loss(exchange: str) -> Callable[..., Tensor]:
+    """The SigLIP variant for ``exchange``; ValueError listing the choices otherwise."""
+    try:
+        return SIGLIP_EXCHANGES[exchange]
+    except KeyError:
+        raise ValueError(f"unknown siglip_exchange {exchange!r}; choose from {sorted(SIGLIP_EXCHANGES)}") from None
 
 
 # ----------------------------------------------------------------------------- pairwise matching

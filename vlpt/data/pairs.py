@@ -14,6 +14,28 @@ import torch
 from vlpt.tokenization import Tokenizer
 
 
+def epoch_batch(n: int, batch_size: int, seed: int, step: int, group_size: int = 1) -> torch.Tensor:
+    """Indices of batch ``step`` in an epoch-wise random permutation of ``n`` items (whole groups of
+    ``group_size`` consecutive items stay together); a pure function of (seed, step)."""
+    per_epoch = n // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    groups = torch.randperm(n // group_size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    order = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+    return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of batch ``step`` (caption picks, augmentation), independent of all others."""
+    return torch.Generator().manual_seed(seed * 1000003 + step)
+
+
+def token_rows(input_ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows of a pre-tokenised corpus, padding trimmed to the longest of them."""
+    length = int(lengths[rows].max())
+    return {"input_ids": input_ids[rows, :length],  # (B, L)
+            "attention_mask": (torch.arange(length)[None, :] < lengths[rows][:, None]).long()}
+
+
 class PairBatches:
     def __init__(self, images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer: Tokenizer,
                  batch_size: int, seed: int, labels: np.ndarray | None = None, augment: bool = False,
@@ -42,26 +64,14 @@ class PairBatches:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """Batch ``step``: an epoch-wise permutation of images (in groups), one random caption per image."""
-        per_epoch = len(self.images) // self.batch_size
-        epoch, offset = divmod(step, per_epoch)
-        g = self.group_size
-        groups = torch.randperm(len(self.images) // g, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        order = (groups[:, None] * g + torch.arange(g)).flatten()
-        index = order[offset * self.batch_size:(offset + 1) * self.batch_size]
-        g = torch.Generator().manual_seed(self.seed * 1000003 + step)
+        index = epoch_batch(len(self.images), self.batch_size, self.seed, step, self.group_size)
+        g = step_generator(self.seed, step)
         pick = (torch.rand(len(index), generator=g) * self.caption_count[index]).long()
         rows = self.caption_start[index] + pick
-        length = int(self.lengths[rows].max())  # trim padding to this batch's longest caption
-        input_ids = self.input_ids[rows, :length]
         images = self.images[index]
         if self.augment:
             images = random_shift(images, g)
-        batch = {
-            "images": images,
-            "input_ids": input_ids,
-            "attention_mask": (torch.arange(length)[None, :] < self.lengths[rows][:, None]).long(),
-            "index": index,
-        }
+        batch = {"images": images, **token_rows(self.input_ids, self.lengths, rows), "index": index}
         if self.labels is not None:
             batch["labels"] = self.labels[index]
         return batch

@@ -195,6 +195,45 @@ def edit_scene(scene: Scene, rng: np.random.Generator, num_captions: int) -> Sce
     return edited
 
 
+def pair_signature(scene: Scene) -> tuple[tuple[str, str], ...]:
+    """The scene's objects as a sorted multiset of (color, shape): every caption names each object's
+    color and shape, so a caption written for a scene with another signature is false for this one."""
+    return tuple(sorted((o.color, o.shape) for o in scene.objects))
+
+
+def swap_attributes(scene: Scene, rng: np.random.Generator, num_captions: int = 1) -> Scene:
+    """A scene whose captions are false for ``scene`` by one swapped attribute: two objects trade
+    colors ("a blue circle and a red square" for a red circle and a blue square) when that changes
+    the scene, else one object's color or shape changes. Positions, sizes and count are kept, so
+    only binding each color to its shape tells the captions apart."""
+    objects = list(scene.objects)
+    signature = pair_signature(scene)
+    held_out = set(COMPOSITIONAL_PAIRS)
+    if len(objects) >= 2 and rng.random() < 0.5:
+        i, j = (int(k) for k in rng.choice(len(objects), size=2, replace=False))
+        a, b = objects[i], objects[j]
+        swapped = list(objects)
+        swapped[i] = dataclasses.replace(a, color=b.color)
+        swapped[j] = dataclasses.replace(b, color=a.color)
+        edited = Scene(objects=swapped, background=scene.background)
+        if pair_signature(edited) != signature and not any((o.color, o.shape) in held_out for o in swapped):
+            edited.captions = make_captions(edited, rng, num_captions)
+            return edited
+    k = int(rng.integers(len(objects)))
+    obj = objects[k]
+    while True:
+        if rng.random() < 0.5:
+            changed = dataclasses.replace(obj, color=COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))])
+        else:
+            changed = dataclasses.replace(obj, shape=SHAPES[int(rng.integers(len(SHAPES)))])
+        objects[k] = changed
+        edited = Scene(objects=list(objects), background=scene.background)
+        if (changed.color, changed.shape) not in held_out and pair_signature(edited) != signature:
+            break
+    edited.captions = make_captions(edited, rng, num_captions)
+    return edited
+
+
 # ----------------------------------------------------------------------------- captions
 
 def _pick(rng: np.random.Generator, options) -> str:

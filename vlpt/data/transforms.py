@@ -20,3 +20,18 @@ def image_transform(image_size: int = 64, mean: Sequence[float] = (0.5, 0.5, 0.5
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
     ])
+
+
+def images_as_batch(images, image_size: int = 64, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    std: Sequence[float] = (0.25, 0.25, 0.25)) -> torch.Tensor:
+    """A model-ready batch from a tensor (returned as is: uint8 (B, H, W, 3) or normalised float) or a
+    sequence of file paths / PIL images (loaded as RGB, resized, normalised); a file that cannot be
+    read raises ImageLoadError naming it."""
+    from vlpt.io import load_image
+
+    if isinstance(images, torch.Tensor):
+        return images
+    if isinstance(images, (str, Image.Image)) or hasattr(images, "__fspath__"):
+        images = [images]
+    transform = image_transform(image_size, mean, std)
+    return torch.stack([transform(img if isinstance(img, Image.Image) else load_image(img)) for img in images])

@@ -27,11 +27,14 @@ class ClassifierHead(nn.Module):
 
 class MatchingHead(nn.Module):
     """Image-text matching: one logit per pair (B,), > 0 for "this caption describes this image".
-    ALBEF's ITM head has two outputs under a softmax; one logit under a sigmoid is the same model."""
+    ALBEF's ITM head has two outputs under a softmax; one logit under a sigmoid is the same model.
+    An MLP by default (hidden 2 * in_dim): on concat / sum / gated fusion a linear head could not
+    compare the image with the text at all (w·[e_I, e_T] has no interaction term)."""
 
-    def __init__(self, in_dim: int):
+    def __init__(self, in_dim: int, hidden: int | None = -1):
         super().__init__()
-        self.net = nn.Linear(in_dim, 1)
+        hidden = 2 * in_dim if hidden == -1 else hidden
+        self.net = mlp(in_dim, 1, hidden, norm=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)  # (B,)

@@ -56,16 +56,18 @@ class _RngState:
             yield
 
 
-def split_micro_batches(batch: dict[str, Tensor], micro_batches: int) -> list[dict[str, Tensor]]:
-    """Split images / input_ids / attention_mask along dim 0 into ``micro_batches`` near-equal parts."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
+def split_micro_batches(batch: dict[str, Tensor], micro_batches: int,
+                        required: Sequence[str] = BATCH_KEYS) -> list[dict[str, Tensor]]:
+    """Split every tensor of the batch along dim 0 into ``micro_batches`` near-equal parts; the keys
+    in ``required`` must be present (a contrastive batch by default)."""
+    missing = [k for k in required if k not in batch]
     if missing:
-        raise KeyError(f"batch lacks {', '.join(missing)}; expected keys {', '.join(BATCH_KEYS)}")
+        raise KeyError(f"batch lacks {', '.join(missing)}; expected keys {', '.join(required)}")
     size = batch["images"].shape[0]
     if not 1 <= micro_batches <= size:
         raise ValueError(f"micro_batches must be in 1..{size} for a batch of {size}, got {micro_batches}")
-    chunks = {k: torch.tensor_split(batch[k], micro_batches) for k in BATCH_KEYS}
-    return [{k: chunks[k][i] for k in BATCH_KEYS} for i in range(micro_batches)]
+    chunks = {k: torch.tensor_split(v, micro_batches) for k, v in batch.items()}
+    return [{k: chunks[k][i] for k in batch} for i in range(micro_batches)]
 
 
 def _forward(model: nn.Module, micro: dict[str, Tensor]) -> dict[str, Tensor]:

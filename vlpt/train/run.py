@@ -87,7 +87,8 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
         trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
         batches = RankSlice(batches, env.rank, env.world_size)
     task = ContrastiveTask(trained, config.train.loss, rank=env.rank, world_size=env.world_size,
-                           seed=config.train.seed, local_loss=config.train.local_loss)
+                           seed=config.train.seed, local_loss=config.train.local_loss,
+                           siglip_exchange=config.train.siglip_exchange)
     trainer = Trainer(task, batches, config.train, run_dir, rank=env.rank, world_size=env.world_size,
                       evaluate=quick_eval_fn(config, cache_dir) if env.rank == 0 else None, save_model=model)
     if resume and not trainer.resume():
@@ -123,16 +124,20 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-        cache_dir=None) -> dict[str, float]:
+        cache_dir=None, fit_fn=None, evaluate_fn=None) -> dict[str, float]:
     """Train then evaluate. A new run never writes over an old one: without ``overwrite`` an existing
     run folder is an error; with it, the new run is built aside and swapped in only when complete.
-    Under torchrun, ranks other than 0 train alongside and write nothing."""
+    Under torchrun, ranks other than 0 train alongside and write nothing.
+
+    ``fit_fn`` / ``evaluate_fn`` (default: contrastive pre-training, ``fit`` and ``evaluate_run``) let
+    other objectives (fine-tuning) share this run-folder logic."""
+    fit_fn, evaluate_fn = fit_fn or fit, evaluate_fn or evaluate_run
     run_dir = Path(run_dir)
     if resume and (run_dir / CONFIG_FILE).exists():
         config = read_run_config(run_dir)
     env = init_distributed()
     if env.rank != 0:
-        fit(config, run_dir, resume=resume, cache_dir=cache_dir)
+        fit_fn(config, run_dir, resume=resume, cache_dir=cache_dir)
         cleanup(env)
         return {}
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
@@ -140,10 +145,10 @@ def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite:
             raise RunExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
                                  f"--overwrite to replace it once the new run completes, or choose another --name")
         with atomic_directory(run_dir) as tmp:
-            model, seconds = fit(config, tmp, cache_dir=cache_dir)
+            model, seconds = fit_fn(config, tmp, cache_dir=cache_dir)
             cleanup(env)
-            evaluate_run(tmp, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
+            evaluate_fn(tmp, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
         return json.loads((run_dir / "metrics.json").read_text())
-    model, seconds = fit(config, run_dir, resume=resume, cache_dir=cache_dir)
+    model, seconds = fit_fn(config, run_dir, resume=resume, cache_dir=cache_dir)
     cleanup(env)
-    return evaluate_run(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
+    return evaluate_fn(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)

@@ -6,15 +6,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlpt.losses import get_loss
+from vlpt.losses import get_loss, get_siglip_loss
 
 
 class ContrastiveTask:
     """Image-text contrastive pre-training with InfoNCE, SigLIP or the pairwise matching loss."""
 
     def __init__(self, model: nn.Module, loss: str = "infonce", rank: int = 0, world_size: int = 1,
-                 seed: int = 0, local_loss: bool = False):
+                 seed: int = 0, local_loss: bool = False, siglip_exchange: str = "gather"):
         self.loss_fn = get_loss(loss)  # fails early, listing the choices
+        # gather (all-gather texts) | neighbour (ring exchange); checked for every loss, so a typo
+        # fails early even when the loss is not SigLIP.
+        siglip_fn = get_siglip_loss(siglip_exchange)
+        if loss == "siglip":
+            self.loss_fn = siglip_fn
+        self.siglip_exchange = siglip_exchange
         self.loss = loss
         self.model = model
         self.rank, self.world_size = rank, world_size

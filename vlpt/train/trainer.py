@@ -172,7 +172,7 @@ class Trainer:
                     parts["loss"] = float(gradcache_step(self.model, batch, cfg.accum_steps,
                                                          self.task.loss_from_features))
             else:
-                for micro in split_micro_batches(batch, cfg.accum_steps):
+                for micro in split_micro_batches(batch, cfg.accum_steps, required=("images",)):
                     micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
                     with autocast:
                         out = self.task.training_step(micro)

@@ -1,0 +1,120 @@
+"""Batches for the fine-tuning tasks (classify, vqa, match), pre-tokenised once and, like
+``PairBatches``, a pure function of (seed, step) so a resumed run replays the same data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vlpt.data import shapes
+from vlpt.data.pairs import epoch_batch, random_shift, step_generator, token_rows
+from vlpt.tokenization import Tokenizer
+
+
+def _check_size(batch_size: int, n: int, what: str) -> None:
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the data set ({n} {what})")
+
+
+class ClassifyBatches:
+    """Images and their class labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, augment: bool = False):
+        _check_size(batch_size, len(images), "images")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W, 3) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        index = epoch_batch(len(self.images), self.batch_size, self.seed, step)
+        images = self.images[index]
+        if self.augment:
+            images = random_shift(images, step_generator(self.seed, step))
+        return {"images": images, "labels": self.labels[index]}
+
+
+def flatten_questions(scenes: Sequence[shapes.Scene]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Every question of every scene: (questions, owning scene, answer index, question-type index)."""
+    questions, owner, answers, types = [], [], [], []
+    for i, scene in enumerate(scenes):
+        for q in scene.questions:
+            questions.append(q.question)
+            owner.append(i)
+            answers.append(shapes.ANSWERS.index(q.answer))
+            types.append(shapes.QUESTION_TYPES.index(q.type))
+    return questions, np.array(owner), np.array(answers), np.array(types)
+
+
+class QuestionBatches:
+    """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; an epoch visits every
+    question of every scene once."""
+
+    def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
+                 batch_size: int, seed: int):
+        questions, owner, answers, types = flatten_questions(scenes)
+        _check_size(batch_size, len(questions), "questions")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.owner, self.answers, self.types = (torch.from_numpy(a) for a in (owner, answers, types))
+        tokens = tokenizer(questions)
+        self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
+        self.batch_size, self.seed = batch_size, seed
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rows = epoch_batch(len(self.owner), self.batch_size, self.seed, step)
+        return {"images": self.images[self.owner[rows]], **token_rows(self.input_ids, self.lengths, rows),
+                "labels": self.answers[rows], "types": self.types[rows]}
+
+
+def swapped_captions(scenes: Sequence[shapes.Scene], seed: int, per_scene: int = 4) -> list[list[str]]:
+    """``per_scene`` attribute-swapped (false) captions for every scene, each from its own swap."""
+    out = []
+    for i, scene in enumerate(scenes):
+        rng = np.random.default_rng([seed, i, 7])
+        out.append([shapes.swap_attributes(scene, rng).captions[0] for _ in range(per_scene)])
+    return out
+
+
+def signature_ids(scenes: Sequence[shapes.Scene]) -> np.ndarray:
+    """An integer per distinct (color, shape) multiset: a caption of scene j is false for scene i
+    whenever their ids differ, so in-batch negatives can skip the ones that are secretly true."""
+    ids: dict[tuple, int] = {}
+    return np.array([ids.setdefault(shapes.pair_signature(s), len(ids)) for s in scenes], np.int64)
+
+
+class MatchBatches:
+    """Scenes with one true caption and one attribute-swapped false caption each.
+
+    ``input_ids`` are the B true captions, ``false_input_ids`` the B swapped ones (same length).
+    Hard negatives (the most similar wrong caption in the batch) are mined by the task from the
+    model's own similarities, among captions whose scene ``signature`` differs.
+    """
+
+    def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
+                 batch_size: int, seed: int, swaps_per_scene: int = 4):
+        _check_size(batch_size, len(scenes), "scenes")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.signatures = torch.from_numpy(signature_ids(scenes))
+        true = [s.captions for s in scenes]
+        false = swapped_captions(scenes, seed, swaps_per_scene)
+        self.num_true = torch.tensor([len(c) for c in true])
+        self.num_false = swaps_per_scene
+        flat = [c for caps in true for c in caps] + [c for caps in false for c in caps]
+        self.true_start = torch.tensor(np.cumsum([0] + [len(c) for c in true[:-1]]))
+        self.false_start = sum(len(c) for c in true) + torch.arange(len(scenes)) * swaps_per_scene
+        tokens = tokenizer(flat)
+        self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
+        self.batch_size, self.seed = batch_size, seed
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        index = epoch_batch(len(self.images), self.batch_size, self.seed, step)
+        g = step_generator(self.seed, step)
+        true_rows = self.true_start[index] + (torch.rand(len(index), generator=g) * self.num_true[index]).long()
+        false_rows = self.false_start[index] + torch.randint(self.num_false, (len(index),), generator=g)
+        tokens = token_rows(self.input_ids, self.lengths, torch.cat([true_rows, false_rows]))  # one length
+        b = len(index)
+        return {"images": self.images[index],
+                "input_ids": tokens["input_ids"][:b], "attention_mask": tokens["attention_mask"][:b],
+                "false_input_ids": tokens["input_ids"][b:], "false_attention_mask": tokens["attention_mask"][b:],
+                "signatures": self.signatures[index]}

@@ -1,0 +1,199 @@
+"""A pre-trained dual encoder with fusion and a task head on top: classification, image-text matching
+or visual question answering.
+
+    images ─> image tower ─> tokens_I, e_I ─┐
+                                            ├─> fusion (concat | sum | gated | cross) ─> head ─> logits
+    text   ─> text tower  ─> tokens_T, e_T ─┘
+    (classify reads e_I alone: image -> class)
+
+Saved like every vlpt model: ``config.json`` (task, fusion, head, output names and the encoder's
+config) + ``model.safetensors`` (encoder, fusion and head weights) + ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlpt.config import ModelConfig, from_dict, to_dict
+from vlpt.data.transforms import images_as_batch
+from vlpt.io import atomic_directory
+from vlpt.models.dual_encoder import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, DualEncoder
+from vlpt.models.fusion import FUSION_METHODS, FusionConfig, create_fusion
+from vlpt.models.heads import ClassifierHead, MatchingHead, VQAHead
+from vlpt.tokenization import Tokenizer
+
+TASKS = ("classify", "match", "vqa")
+
+
+@dataclass
+class TaskModelConfig:
+    task: str = "classify"  # classify | match | vqa
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # unused by classify
+    outputs: list[str] = field(default_factory=list)  # class names (classify) or answers (vqa); match: []
+    head_hidden: int | None = None  # classify: MLP hidden width; None: linear
+    freeze_towers: bool = False  # the encoder stays frozen (eval mode, no gradients)
+    encoder: ModelConfig = field(default_factory=ModelConfig)
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+class TaskModel(nn.Module):
+    def __init__(self, config: TaskModelConfig, encoder: DualEncoder):
+        super().__init__()
+        check_task(config.task)
+        if config.task != "classify" and config.fusion.method not in FUSION_METHODS:
+            raise ValueError(f"unknown fusion method {config.fusion.method!r}; choose from {', '.join(FUSION_METHODS)}")
+        if config.task != "match" and len(config.outputs) < 2:
+            raise ValueError(f"the {config.task} head needs at least two output names, got {config.outputs}")
+        self.config = config
+        self.encoder = encoder
+        config.encoder = encoder.config
+        self.fusion = None
+        if config.task == "classify":
+            self.head = ClassifierHead(encoder.config.embed_dim, len(config.outputs), config.head_hidden)
+        else:
+            fusion = config.fusion
+            fusion.dim = encoder.config.embed_dim
+            fusion.image_token_dim = encoder.image_tower.width
+            fusion.text_token_dim = encoder.text_tower.output_dim
+            self.fusion = create_fusion(fusion)
+            if config.task == "match":
+                self.head = MatchingHead(self.fusion.out_dim)
+            else:
+                self.head = VQAHead(self.fusion.out_dim, len(config.outputs))
+        if config.freeze_towers:
+            self.encoder.requires_grad_(False)
+        self.train(self.training)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.encoder.tokenizer
+
+    def train(self, mode: bool = True) -> "TaskModel":
+        super().train(mode)
+        if self.config.freeze_towers:  # frozen towers keep BatchNorm statistics and dropout off
+            self.encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Token-level and pooled (projected, L2-normalised) features of both towers."""
+        out = self.encode_images(images)
+        if input_ids is not None:
+            out |= self.encode_texts(input_ids, attention_mask)
+        return out
+
+    def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        enc = self.encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
+            tokens, pooled = enc.image_tower.forward_features(images)  # (B, N, Ci), (B, C)
+            return {"image_tokens": tokens, "image_embed": F.normalize(enc.image_proj(pooled), dim=-1)}
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        enc = self.encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
+            tokens, pooled = enc.text_tower.forward_features(input_ids, attention_mask)  # (B, L, Ct), (B, C)
+            return {"text_tokens": tokens, "text_mask": attention_mask.bool(),
+                    "text_embed": F.normalize(enc.text_proj(pooled), dim=-1)}
+
+    def fuse(self, features: dict[str, torch.Tensor], image_index: torch.Tensor | None = None,
+             text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Fuse image ``image_index[k]`` with text ``text_index[k]`` (default: row k with row k), so
+        one pass of the towers serves many pairs (the matching task's negatives)."""
+        def pick(key: str, index):
+            return features[key] if index is None else features[key][index]
+        return self.fusion(pick("image_embed", image_index), pick("text_embed", text_index),
+                           pick("image_tokens", image_index), pick("text_tokens", text_index),
+                           pick("text_mask", text_index))  # (P, out_dim)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits: (B, classes) for classify, (B,) for match, (B, answers) for vqa."""
+        if self.config.task == "classify":
+            return self.head(self.encode(images)["image_embed"])
+        if input_ids is None:
+            raise ValueError(f"the {self.config.task} task needs text (a caption or a question) with each image")
+        return self.head(self.fuse(self.encode(images, input_ids, attention_mask)))
+
+    # ------------------------------------------------------------------ use
+    def _tokens(self, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        tokens = self.encoder.tokenize(list(texts))
+        return {k: v.to(device) for k, v in tokens.items()}
+
+    @torch.inference_mode()
+    def predict(self, images, texts: Sequence[str] | None = None) -> torch.Tensor:
+        """Probabilities: (B, classes) classify, (B,) match (caption describes image), (B, answers) vqa.
+        ``images``: file paths, PIL images, or a uint8 / normalised float tensor batch."""
+        self.eval()
+        device = self.encoder.logit_scale.device
+        image = self.encoder.config.image
+        images = images_as_batch(images, image.image_size, image.mean, image.std).to(device)
+        if isinstance(texts, str):
+            texts = [texts]
+        if self.config.task == "classify":
+            return self(images).softmax(-1)
+        if texts is None or len(texts) != len(images):
+            raise ValueError(f"give one text per image: {len(images)} images, {0 if texts is None else len(texts)} texts")
+        tokens = self._tokens(texts, device)
+        logits = self(images, tokens["input_ids"], tokens["attention_mask"])
+        return logits.sigmoid() if self.config.task == "match" else logits.softmax(-1)
+
+    def answer(self, images, questions: str | Sequence[str]) -> list[tuple[str, float]]:
+        """(answer, probability) per image-question pair (vqa models)."""
+        if self.config.task != "vqa":
+            raise ValueError(f"this is a {self.config.task} model; `answer` needs one fine-tuned with task=vqa")
+        probs = self.predict(images, questions)
+        best = probs.max(-1)
+        return [(self.config.outputs[int(i)], float(p)) for p, i in zip(best.values, best.indices)]
+
+    def match(self, images, captions: str | Sequence[str]) -> list[float]:
+        """Probability that each caption describes its image (match models)."""
+        if self.config.task != "match":
+            raise ValueError(f"this is a {self.config.task} model; `match` needs one fine-tuned with task=match")
+        return self.predict(images, captions).tolist()
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        with atomic_directory(directory) as tmp:
+            self.write_files(tmp)
+        return Path(directory)
+
+    def write_files(self, directory: Path) -> None:
+        config = copy.deepcopy(self.config)
+        config.encoder = copy.deepcopy(self.encoder.config)
+        config.encoder.text.hf_config = self.encoder.text_tower.hf_config_dict()
+        data = {"model_type": "vlpt-task", **to_dict(config)}
+        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TaskModel":
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if data.pop("model_type", None) != "vlpt-task":
+            raise FileNotFoundError(f"{directory} holds no fine-tuned vlpt task model (see `vlpt finetune`)")
+        config = from_dict(TaskModelConfig, data, where=str(path))
+        tokenizer = None
+        if (directory / TOKENIZER_DIR).exists():
+            tokenizer = Tokenizer.from_pretrained(directory / TOKENIZER_DIR, config.encoder.text.context_length)
+        encoder = DualEncoder(config.encoder, tokenizer, load_pretrained_weights=False)
+        model = cls(config, encoder)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+        return model.to(device).eval()
