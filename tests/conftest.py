@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from vlpt.config import ModelConfig, RunConfig, load_config
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("VLPT_TEST_THREADS", "2")))  # 1 when sharing the CPU
     monkeypatch.setenv("VLPT_CACHE", str(tmp_path_factory.getbasetemp() / "vlpt-cache"))  # not ~/.cache
 
 

@@ -191,3 +191,17 @@ def test_learns_task_needing_both_inputs(method):
         inputs, labels = _synthetic_batch(1000, torch.Generator().manual_seed(99), protos)
         accuracy = (run(inputs).argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.9, f"{method}: held-out accuracy {accuracy:.3f} (chance 0.25)"
+
+
+def test_cross_image_positions_tell_token_order_apart():
+    """With position embeddings, the same image tokens in another order fuse to another vector (what
+    relation questions need); the token count must match the one the fusion was built for."""
+    torch.manual_seed(0)
+    fusion = create_fusion(_config("cross", image_tokens=N)).eval()
+    inputs = _inputs()
+    flipped = dict(inputs, image_tokens=inputs["image_tokens"].flip(1))
+    assert not torch.allclose(fusion(**inputs), fusion(**flipped), atol=1e-4)
+    plain = create_fusion(_config("cross")).eval()  # without positions, attention is order-blind
+    assert torch.allclose(plain(**inputs), plain(**flipped), atol=1e-5)
+    with pytest.raises(ValueError, match="image tokens"):
+        fusion(**dict(inputs, image_tokens=inputs["image_tokens"][:, :3]))

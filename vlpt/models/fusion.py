@@ -27,6 +27,7 @@ class FusionConfig:
     dim: int = 128  # width D of the embeddings e_I and e_T (the dual encoder's embed_dim)
     image_token_dim: int = 256  # width Ci of the image tower's tokens (cross only; resnet-tiny: 256)
     text_token_dim: int = 128  # width Ct of the text tower's tokens (cross only; its hidden_size)
+    image_tokens: int = 0  # cross only: number of image tokens N; > 0 adds learned position embeddings to them
     cross_width: int = 128  # width of the cross-attention Transformer, and its out_dim
     cross_layers: int = 2  # blocks of (self-attention, cross-attention, MLP)
     cross_heads: int = 4  # attention heads; must divide cross_width
@@ -157,6 +158,8 @@ class CrossAttentionFusion(nn.Module):
         self.out_dim = width
         self.text_in = nn.Linear(config.text_token_dim, width)  # (B, L, Ct) -> (B, L, W)
         self.image_in = nn.Linear(config.image_token_dim, width)  # (B, N, Ci) -> (B, N, W)
+        # Where each image token sits (a CNN's feature map carries little of it; relation questions need it).
+        self.image_pos = nn.Parameter(0.02 * torch.randn(1, config.image_tokens, width)) if config.image_tokens else None
         self.text_embed_in = nn.Linear(config.dim, width)
         self.image_embed_in = nn.Linear(config.dim, width)
         self.blocks = nn.ModuleList(CrossBlock(width, config.cross_heads, config.dropout)
@@ -181,8 +184,13 @@ class CrossAttentionFusion(nn.Module):
         first = torch.ones(B, 1, dtype=torch.bool, device=text_tokens.device)
         mask = torch.cat([first, text_mask.bool()], dim=1)  # (B, 1+L); the first token is never masked
         text = torch.cat([self.text_embed_in(text_embed)[:, None], self.text_in(text_tokens)], dim=1)  # (B, 1+L, W)
-        image = torch.cat([self.image_embed_in(image_embed)[:, None],
-                           self.image_in(image_tokens)], dim=1)  # (B, 1+N, W)
+        image_tokens = self.image_in(image_tokens)  # (B, N, W)
+        if self.image_pos is not None:
+            if image_tokens.shape[1] != self.image_pos.shape[1]:
+                raise ValueError(f"cross fusion was built for {self.image_pos.shape[1]} image tokens, "
+                                 f"got {image_tokens.shape[1]}")
+            image_tokens = image_tokens + self.image_pos
+        image = torch.cat([self.image_embed_in(image_embed)[:, None], image_tokens], dim=1)  # (B, 1+N, W)
         for block in self.blocks:
             text = block(text, image, mask)  # (B, 1+L, W)
         text = self.ln_f(text)

@@ -68,6 +68,7 @@ class TaskModel(nn.Module):
             fusion.dim = encoder.config.embed_dim
             fusion.image_token_dim = encoder.image_tower.width
             fusion.text_token_dim = encoder.text_tower.output_dim
+            fusion.image_tokens = encoder.image_tower.num_tokens
             self.fusion = create_fusion(fusion)
             if config.task == "match":
                 self.head = MatchingHead(self.fusion.out_dim)

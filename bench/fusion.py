@@ -1,0 +1,114 @@
+"""Issue 3: fusion methods compared on VQA and image-text matching, and zero-shot vs linear probe vs
+full fine-tuning for classification, on the shapes world and the real digits.
+
+Every fusion row gets the same budget (the `finetune` config: steps, batch, lr, seed) from the same
+pre-trained run. Pre-trained runs are made here (tiny-shapes, lit-digits) unless given.
+
+    .venv/bin/python bench/fusion.py [--shapes-run RUN] [--digits-run RUN] [--steps N] [--quick]
+
+Writes bench/results/fusion.json (flat keys, fractions in [0, 1]) and prints two tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, write_results  # noqa: E402
+
+from vlpt.config import apply_overrides, load_config  # noqa: E402
+from vlpt.data.shapes import QUESTION_TYPES, default_cache_dir  # noqa: E402
+from vlpt.models.fusion import FUSION_METHODS  # noqa: E402
+from vlpt.train.finetune import evaluate_finetune_run, finetune_config, fit_finetune  # noqa: E402
+from vlpt.train.run import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrained(name: str, config: str, runs: Path, overrides: list[str]) -> Path:
+    """A finished pre-training run (reused when its metrics exist, so reruns skip it)."""
+    run_dir = runs / name
+    if not (run_dir / "metrics.json").exists():
+        run(load_config(config, overrides), run_dir, overwrite=True, cache_dir=default_cache_dir())
+    return run_dir
+
+
+def finetune(task: str, fusion: str | None, source: Path, runs: Path, overrides: list[str],
+             freeze: bool = False) -> tuple[dict, float]:
+    config = apply_overrides(finetune_config(load_config("finetune"), task, fusion, source, freeze), overrides)
+    name = f"{source.name}-{task}-{fusion or ('probe' if freeze else 'full')}"
+    start = time.perf_counter()
+    metrics = run(config, runs / name, overwrite=True, cache_dir=default_cache_dir(),
+                  fit_fn=fit_finetune, evaluate_fn=evaluate_finetune_run)
+    return metrics, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes-run", type=Path, help="pre-trained shapes run (default: train tiny-shapes)")
+    parser.add_argument("--digits-run", type=Path, help="pre-trained digits run (default: train lit-digits)")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "bench" / "runs")
+    parser.add_argument("--steps", type=int, help="vqa fine-tuning steps for every row (default: the config's)")
+    parser.add_argument("--match-steps", type=int, default=500, help="matching fine-tuning steps for every row")
+    parser.add_argument("--classify-steps", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, figures meaningless")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = args.runs_dir
+    quick = ["train.steps=3", "finetune.train_size=64", "finetune.test_size=32", "train.batch_size=16",
+             "train.checkpoint_every=0"] if args.quick else []
+    pre_quick = ["train.steps=3", "data.train_size=256", "eval.zero_shot_size=64", "eval.compositional_size=32",
+                 "eval.retrieval_size=32", "eval.probe_train_size=64", "train.eval_every=0"] if args.quick else []
+    shapes_run = args.shapes_run or pretrained("pre-shapes" + "-quick" * args.quick, "tiny-shapes", runs, pre_quick)
+    digits_run = args.digits_run or pretrained("pre-digits" + "-quick" * args.quick, "lit-digits", runs,
+                                               ["train.steps=3"] if args.quick else [])
+    steps = [f"train.steps={args.steps}"] if args.steps else []
+    budget = quick or steps
+    match_budget = quick or [f"train.steps={args.match_steps}"]
+
+    figures: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for fusion in FUSION_METHODS:
+        vqa, seconds[f"vqa_{fusion}"] = finetune("vqa", fusion, shapes_run, runs, budget)
+        for t in (*QUESTION_TYPES, "overall"):
+            figures[f"vqa_{fusion}_{t}"] = vqa[f"vqa_{t}"]
+        match, seconds[f"match_{fusion}"] = finetune("match", fusion, shapes_run, runs, match_budget)
+        for kind in ("swapped", "hard", "random"):
+            figures[f"match_{fusion}_{kind}"] = match[f"match_accuracy_{kind}"]
+    # The headline matching figures are the cross-attention model's (the method vlpt recommends).
+    figures["match_accuracy_swapped"] = figures["match_cross_swapped"]
+    figures["match_accuracy_hard"] = figures["match_cross_hard"]
+
+    classify_budget = quick or [f"train.steps={args.classify_steps}", "train.batch_size=128", "train.lr=0.001"]
+    for data, source in (("shapes", shapes_run), ("digits", digits_run)):
+        zero_shot = json.loads((source / "metrics.json").read_text())["zeroshot_top1"]
+        full, seconds[f"finetune_{data}"] = finetune("classify", None, source, runs, classify_budget)
+        probe, seconds[f"probe_{data}"] = finetune("classify", None, source, runs,
+                                                   classify_budget + ["train.lr=0.01"], freeze=True)
+        figures[f"zeroshot_{data}_top1"] = zero_shot
+        figures[f"linear_probe_{data}_top1"] = probe["classify_top1"]
+        figures[f"finetune_{data}_top1"] = full["classify_top1"]
+
+    print_table("VQA accuracy by question type (rows: fusion)", {
+        f: " ".join(f"{t[:5]}={figures[f'vqa_{f}_{t}']:.3f}" for t in (*QUESTION_TYPES, "overall"))
+        for f in FUSION_METHODS})
+    print_table("image-text matching accuracy (rows: fusion)", {
+        f: " ".join(f"{k}={figures[f'match_{f}_{k}']:.3f}" for k in ("swapped", "hard", "random"))
+        for f in FUSION_METHODS})
+    figures |= {f"seconds_{k}": v for k, v in seconds.items()}
+    config = {"finetune_config": "finetune", "vqa_overrides": budget, "match_overrides": match_budget,
+              "classify_overrides": classify_budget,
+              "shapes_run": str(shapes_run), "digits_run": str(digits_run), "quick": args.quick,
+              "threads": args.threads}
+    write_results("fusion-quick" if args.quick else "fusion", figures, config)
+
+
+if __name__ == "__main__":
+    main()
