@@ -80,3 +80,9 @@ def test_unknown_key_in_a_config_file_lists_valid_keys(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "learning_rate" in err and "lr" in err and "warmup_steps" in err
+
+
+def test_data_shards_command_writes_tar_shards(tmp_path):
+    out = tmp_path / "shards"
+    assert main(["data", "shards", "digits", str(out), "--shard-size", "200", "--split", "test"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]  # 359 test digits

@@ -200,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
     p.add_argument("-o", "--output", type=Path, help="write a .npy file instead of printing JSON lines")
 
+    p = sub.add_parser("data", help="prepare data: write webdataset shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("shards", help="write an image folder (with captions.csv/.jsonl) or shapes/digits as tar shards")
+    p.add_argument("src", help="an image folder with a captions file, or shapes | digits")
+    p.add_argument("out", type=Path, help="output folder for shard-%%06d.tar and index.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--split", default="train", help="shapes: train | val | test | compositional; digits: train | test")
+    p.add_argument("--size", type=int, default=10000, help="shapes: number of scenes")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="shapes / digits: pixels per side (folder images are copied as they are)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
+
     sub.add_parser("configs", help="list the named configs")
     return parser
 
@@ -226,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_classify(args.images, args.labels, args.model)
         elif args.command == "embed":
             cmd_embed(args.images, args.texts, args.model, args.output)
+        elif args.command == "data" and args.data_command == "shards":
+            from vlpt.data.shards import cmd_data_shards
+
+            cmd_data_shards(args.src, args.out, args.shard_size, args.split, args.size, args.image_size, args.overwrite)
         elif args.command == "configs":
             print("\n".join(list_configs()))
     except (ConfigError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError) as err:

@@ -56,7 +56,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "shapes"  # shapes | digits
+    dataset: str = "shapes"  # shapes | digits | files (image folder + captions file) | shards (webdataset tars)
+    path: str | None = None  # files: the image folder; shards: a folder, shard file, glob or {000000..000009} pattern
+    eval_path: str | None = None  # files / shards: a held-out image folder to evaluate on; None: the training data
     train_size: int = 20000  # shapes scenes rendered for training
     image_size: int = 64
     num_captions: int = 5  # captions per image
@@ -64,6 +66,10 @@ class DataConfig:
     augment: bool = False  # digits only: small random shifts; shapes keep positions exact
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
     count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # shapes train set: odds of 1, 2, 3 objects
+    num_workers: int = 2  # shards: DataLoader worker processes per rank decoding images
+    shuffle_buffer: int = 1000  # shards: decoded samples each worker holds to shuffle
+    resample: bool = False  # shards: draw shards with replacement instead of exact epochs
+    max_consecutive_failures: int = 50  # shards: corrupt samples in a row before the reader gives up
 
 
 @dataclass

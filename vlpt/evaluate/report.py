@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 RetrievalExample = tuple[str, Sequence[np.ndarray], Sequence[bool]]
 
 # Metric-name tokens whose values are fractions, shown as percentages in report.md.
-_FRACTION_TOKEN = re.compile(r"^(top\d+|r\d+|acc|accuracy|recall|precision|f1)$")
+_FRACTION_TOKEN = re.compile(r"^(top\d+|r\d+|acc|accuracy|recall|precision|f1|vqa)$")
 
 
 def _atomic_write(path: Path, write) -> None:

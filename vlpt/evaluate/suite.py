@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vlpt.config import DataConfig, EvalConfig
-from vlpt.data import digits, shapes
+from vlpt.data import digits, files, shapes
 from vlpt.evaluate.linear_probe import linear_probe
 from vlpt.evaluate.retrieval import retrieval_metrics, text_to_image_examples
 from vlpt.evaluate.zero_shot import (
@@ -46,8 +46,11 @@ def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 512)
 
 
 def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = False, cache_dir=None):
-    """A split of the run's data set: shapes scenes (1-3 objects, or single-object) or digits.
+    """A split of the run's data set: shapes scenes (1-3 objects, or single-object), digits, or the
+    user's own data (``files`` / ``shards``, see ``load_user_split``).
     The training-only shapes options (twins, count weights) apply to the multi-object train split."""
+    if data.dataset in ("files", "shards"):
+        return load_user_split(data, split, size)
     if data.dataset == "shapes":
         train_only = {}
         if split == "train" and not single:
@@ -58,7 +61,29 @@ def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = Fa
     if data.dataset == "digits":
         return digits.DigitsDataset(digits.DigitsConfig(split=split, image_size=data.image_size,
                                                         num_captions=data.num_captions))
-    raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, shapes")
+    raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, files, shapes, shards")
+
+
+def load_user_split(data: DataConfig, split: str, size: int = 1000):
+    """The user's own data. ``train`` is ``data.path``: for files every image of the folder (``size``
+    does not apply), for shards the first ``size`` readable samples in shard order. ``test`` / ``val``
+    is the image folder ``data.eval_path`` (every image); without one there is no held-out split and
+    asking for it is an error (``evaluate_user_data`` then evaluates on the training data, saying so)."""
+    from vlpt.data import shards  # lazy: webdataset is only needed for shards
+
+    if split == "train":
+        if not data.path:
+            raise ValueError(f"data.dataset={data.dataset} needs data.path (an image folder"
+                             f"{'' if data.dataset == 'files' else ' or shards'}), e.g. --set data.path=DIR")
+        if data.dataset == "files":
+            return files.FilesDataset(data.path, image_size=data.image_size)
+        return shards.read_samples(data.path, size, data.image_size, data.max_consecutive_failures)
+    if split in ("test", "val"):
+        if not data.eval_path:
+            raise ValueError(f"data.dataset={data.dataset} has no held-out {split} split; set data.eval_path "
+                             f"to an image folder with a captions file")
+        return files.FilesDataset(data.eval_path, image_size=data.image_size)
+    raise ValueError(f"unknown split {split!r} for data.dataset={data.dataset}; choose from train, test, val")
 
 
 def shapes_classifier(model: DualEncoder) -> torch.Tensor:
@@ -129,7 +154,66 @@ def evaluate_digits(model: DualEncoder, data: DataConfig, config: EvalConfig) ->
     return EvalResult(metrics, confusion, digits.CLASS_NAMES)
 
 
+# Zero-shot prompts for the user's class names: generic, since their captions' wording is unknown.
+USER_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}")
+
+
+def _common_labels(train, test) -> tuple[np.ndarray, np.ndarray] | None:
+    """Train and test labels on one class numbering (by name when the labels are names), or None."""
+    if train.class_names is None and test.class_names is None:
+        return train.labels, test.labels
+    if train.class_names is None or test.class_names is None:
+        return None  # numbers on one side, names on the other: nothing to compare
+    names = sorted(set(train.class_names) | set(test.class_names))
+    def renumber(ds):
+        table = np.array([names.index(n) for n in ds.class_names], np.int64)
+        return np.where(ds.labels >= 0, table[np.maximum(ds.labels, 0)], -1)
+    return renumber(train), renumber(test)
+
+
+def evaluate_user_data(model: DualEncoder, data: DataConfig, config: EvalConfig) -> EvalResult:
+    """The user's own data (files / shards): image<->text retrieval recall@K over the first
+    ``eval.retrieval_size`` images with all their captions; zero-shot over the first
+    ``eval.zero_shot_size`` labeled images when the labels are class names (prompts
+    ``USER_TEMPLATES``); a linear probe (train images -> held-out images) when both are labeled.
+
+    With ``data.eval_path`` set these are held-out figures. Without it the only images are the
+    training images: retrieval and zero-shot are then measured on them and every key starts with
+    ``train_`` (how well the model fits its data, not how it generalises); no linear probe is fitted.
+    Retrieval counts a caption shared by several images as right for one of them only."""
+    model.eval()
+    bs = config.batch_size
+    held_out = bool(data.eval_path)
+    train = load_split(data, "train", max(config.retrieval_size, config.zero_shot_size, config.probe_train_size))
+    test = load_split(data, "test") if held_out else train
+    prefix = "" if held_out else "train_"
+    n = min(len(test.images), config.retrieval_size)
+    retrieval, examples = _retrieval(model, test.images[:n], test.captions[:n], bs)
+    metrics = {f"{prefix}{k}": v for k, v in retrieval.items()}
+    metrics[f"{prefix}retrieval_images"] = n
+    confusion, class_names = None, ()
+    labeled = np.flatnonzero(test.labels >= 0)[:config.zero_shot_size]
+    if test.class_names and len(labeled):
+        class_names = test.class_names
+        classifier = build_zero_shot_classifier(lambda texts: embed_texts(model, texts), class_names, USER_TEMPLATES)
+        logits = zero_shot_logits(embed_images(model, test.images[labeled], bs), classifier)
+        labels = torch.from_numpy(test.labels[labeled])
+        metrics |= accuracy(logits, labels, topk=(1, 5), prefix=f"{prefix}zeroshot_")
+        confusion = confusion_matrix(logits.argmax(1), labels, len(class_names))
+    common = _common_labels(train, test) if held_out else None
+    if common is not None:
+        train_labels, test_labels = common
+        fit_rows = np.flatnonzero(train_labels >= 0)[:config.probe_train_size]
+        test_rows = np.flatnonzero(test_labels >= 0)
+        if len(np.unique(train_labels[fit_rows])) >= 2 and len(test_rows):
+            metrics |= linear_probe(embed_images(model, train.images[fit_rows], bs), train_labels[fit_rows],
+                                    embed_images(model, test.images[test_rows], bs), test_labels[test_rows])
+    return EvalResult(metrics, confusion, class_names, examples)
+
+
 def evaluate(model: DualEncoder, data: DataConfig, config: EvalConfig, cache_dir=None) -> EvalResult:
     if data.dataset == "digits":
         return evaluate_digits(model, data, config)
+    if data.dataset in ("files", "shards"):
+        return evaluate_user_data(model, data, config)
     return evaluate_shapes(model, data, config, cache_dir)  # an unknown dataset fails in load_split

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,52 @@ class RunExistsError(FileExistsError):
 
 
 def load_train_data(config: RunConfig, cache_dir=None) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+    """The training set in memory: (images (N, H, W, 3) uint8, captions, labels). Not for shards,
+    which are streamed (``train_batches``)."""
+    if config.data.dataset == "shards":
+        raise ValueError("data.dataset=shards is streamed, not loaded into memory; this objective needs "
+                         "data.dataset=files (an image folder) or a built-in data set")
     ds = load_split(config.data, "train", config.data.train_size, cache_dir=cache_dir)
     return ds.images, ds.captions, ds.labels
+
+
+def _shards_path(config: RunConfig) -> str:
+    if not config.data.path:
+        raise ValueError("data.dataset=shards needs data.path (a shard folder, file, glob or {a..b} pattern), "
+                         "e.g. --set data.path=shards/")
+    return config.data.path
+
+
+def train_corpus(config: RunConfig, data: tuple | None) -> Iterable[str]:
+    """The captions a from-scratch tokenizer learns its vocabulary from: all of an in-memory data set,
+    or the first 200,000 captions of the shards."""
+    if data is None:
+        from vlpt.data.shards import shard_captions
+
+        return shard_captions(_shards_path(config))
+    return (c for caps in data[1] for c in caps)
+
+
+def train_batches(config: RunConfig, data: tuple | None, tokenizer: Tokenizer, rank: int, world_size: int):
+    """This rank's ``batch(step)`` source: in-memory pairs (each rank slices the global batch), or
+    for shards a ShardReader over this rank's share of the shards (``train.batch_size`` is global)."""
+    if data is None:
+        from vlpt.data.shards import ShardBatches, ShardReader
+
+        if config.train.batch_size % world_size:
+            raise ValueError(f"batch_size {config.train.batch_size} must be divisible by the world size {world_size}")
+        d = config.data
+        reader = ShardReader(_shards_path(config), config.train.batch_size // world_size, d.image_size,
+                             seed=config.train.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                             shuffle_buffer=d.shuffle_buffer, resample=d.resample,
+                             max_consecutive_failures=d.max_consecutive_failures)
+        log.info("shards: %d samples in %d shards, %d steps per epoch", reader.num_samples, len(reader.paths),
+                 reader.steps_per_epoch)
+        return ShardBatches(reader, tokenizer)
+    images, captions, labels = data
+    batches = PairBatches(images, captions, tokenizer, config.train.batch_size, config.train.seed,
+                          labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
+    return RankSlice(batches, rank, world_size) if world_size > 1 else batches
 
 
 def quick_eval_fn(config: RunConfig, cache_dir=None):
@@ -68,24 +113,22 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
     log.info("training %s on %d process(es), rank %d", config.name, env.world_size, env.rank)
-    images, captions, labels = load_train_data(config, cache_dir)
+    data = None if config.data.dataset == "shards" else load_train_data(config, cache_dir)  # shards: streamed
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if checkpoint is not None:  # the vocabulary must be the one the checkpoint was trained with
         tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
     else:
-        tokenizer = get_tokenizer(config.model, corpus=(c for caps in captions for c in caps))
+        tokenizer = get_tokenizer(config.model, corpus=train_corpus(config, data))
     model = create_model(config.model, tokenizer, seed=config.train.seed)
     if config.model.text.locked:
         model.enable_text_cache()  # LiT: a frozen tower's caption features are computed once
-    batches = PairBatches(images, captions, tokenizer, config.train.batch_size, config.train.seed,
-                          labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
+    batches = train_batches(config, data, tokenizer, env.rank, env.world_size)
     trained = model
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         device = env.device if config.train.device == "auto" else resolve_device(config.train.device)
         trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
-        batches = RankSlice(batches, env.rank, env.world_size)
     task = ContrastiveTask(trained, config.train.loss, rank=env.rank, world_size=env.world_size,
                            seed=config.train.seed, local_loss=config.train.local_loss,
                            siglip_exchange=config.train.siglip_exchange)
@@ -96,6 +139,8 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
     start = time.perf_counter()
     trainer.fit(stop_after)
     seconds = time.perf_counter() - start
+    if hasattr(batches, "close"):  # shards: stop the stream's DataLoader workers
+        batches.close()
     if trainer.step >= config.train.steps and env.rank == 0:
         model.save_pretrained(run_dir / "model")
     return model, seconds
