@@ -227,10 +227,13 @@ SIGLIP_EXCHANGES: dict[str, Callable[..., Tensor]] = {
 
 def get_siglip_loss(exchange: str) -> Callable[..., Tensor]:
     """The SigLIP variant for ``exchange``; ValueError listing the choices otherwise."""
-    try:
-        return SIGLIP_EXCHANGES[exchange]
-    except KeyError:
-        raise ValueError(f"unknown siglip_exchange {exchange!r}; choose from {sorted(SIGLIP_EXCHANGES)}") from None
+    return _choose(SIGLIP_EXCHANGES, exchange, "siglip_exchange")
+
+
+def _choose(registry: dict[str, Callable[..., Tensor]], name: str, what: str) -> Callable[..., Tensor]:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose from {sorted(registry)}")
+    return registry[name]
 
 
 # ----------------------------------------------------------------------------- pairwise matching
@@ -318,7 +321,4 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 
 def get_loss(name: str) -> Callable[..., Tensor]:
     """The loss function registered as ``name``; ValueError listing the choices otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}") from None
+    return _choose(LOSSES, name, "loss")
