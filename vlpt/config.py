@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    compile: bool = False  # torch.compile the model for training; falls back to eager (with a warning) if it fails
 
 
 @dataclass

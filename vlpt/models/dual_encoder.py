@@ -73,7 +73,7 @@ class DualEncoder(nn.Module):
     # ------------------------------------------------------------------ encoding
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images: uint8 (B, H, W, 3) / (B, 3, H, W), or float normalised as by ``image_transform``."""
-        _, pooled = self.image_tower.forward_features(images)
+        pooled = self.image_tower.forward_pooled(images)  # (B, C)
         features = self.image_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -89,7 +89,7 @@ class DualEncoder(nn.Module):
         device = self.logit_scale.device
         input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         if self.text_cache is None:
-            _, pooled = self.text_tower.forward_features(input_ids, attention_mask)  # (B, C)
+            pooled = self.text_tower.forward_pooled(input_ids, attention_mask)  # (B, C)
         else:
             pooled = self._cached_text_pooled(input_ids, attention_mask)
         features = self.text_proj(pooled)  # (B, D)
@@ -105,7 +105,7 @@ class DualEncoder(nn.Module):
             for i, k in enumerate(keys):
                 first.setdefault(k, i)
             rows = torch.tensor([first[k] for k in new])
-            _, pooled = self.text_tower.forward_features(input_ids[rows], attention_mask[rows])  # (U, C)
+            pooled = self.text_tower.forward_pooled(input_ids[rows], attention_mask[rows])  # (U, C)
             if len(self.text_cache) + len(new) > self.text_cache_limit:
                 self.text_cache.clear()
             self.text_cache.update(zip(new, pooled))

