@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, write_results  # noqa: E402
 
 from vlpt.config import apply_overrides, load_config  # noqa: E402
 from vlpt.data.shapes import QUESTION_TYPES, default_cache_dir  # noqa: E402
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--classify-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, figures meaningless")
+    parser.add_argument("--sections", nargs="+", choices=("fusion", "classify"), default=["fusion", "classify"],
+                        help="re-run only these; the other section's figures are kept from the last results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = args.runs_dir
@@ -73,9 +75,15 @@ def main() -> None:
     budget = quick or steps
     match_budget = quick or [f"train.steps={args.match_steps}"]
 
+    name = "fusion-quick" if args.quick else "fusion"
+    previous = RESULTS / f"{name}.json"
     figures: dict[str, float] = {}
     seconds: dict[str, float] = {}
-    for fusion in FUSION_METHODS:
+    if set(args.sections) != {"fusion", "classify"} and previous.exists():
+        kept = json.loads(previous.read_text())
+        figures = {k: v for k, v in kept.items() if k not in ("config", "machine") and not k.startswith("seconds_")}
+        seconds = {k.removeprefix("seconds_"): v for k, v in kept.items() if k.startswith("seconds_")}
+    for fusion in FUSION_METHODS if "fusion" in args.sections else ():
         vqa, seconds[f"vqa_{fusion}"] = finetune("vqa", fusion, shapes_run, runs, budget)
         for t in (*QUESTION_TYPES, "overall"):
             figures[f"vqa_{fusion}_{t}"] = vqa[f"vqa_{t}"]
@@ -87,7 +95,7 @@ def main() -> None:
     figures["match_accuracy_hard"] = figures["match_cross_hard"]
 
     classify_budget = quick or [f"train.steps={args.classify_steps}", "train.batch_size=128", "train.lr=0.001"]
-    for data, source in (("shapes", shapes_run), ("digits", digits_run)):
+    for data, source in (("shapes", shapes_run), ("digits", digits_run)) if "classify" in args.sections else ():
         zero_shot = json.loads((source / "metrics.json").read_text())["zeroshot_top1"]
         full, seconds[f"finetune_{data}"] = finetune("classify", None, source, runs, classify_budget)
         probe, seconds[f"probe_{data}"] = finetune("classify", None, source, runs,
@@ -106,8 +114,8 @@ def main() -> None:
     config = {"finetune_config": "finetune", "vqa_overrides": budget, "match_overrides": match_budget,
               "classify_overrides": classify_budget,
               "shapes_run": str(shapes_run), "digits_run": str(digits_run), "quick": args.quick,
-              "threads": args.threads}
-    write_results("fusion-quick" if args.quick else "fusion", figures, config)
+              "threads": args.threads, "sections_rerun": args.sections}
+    write_results(name, figures, config)
 
 
 if __name__ == "__main__":

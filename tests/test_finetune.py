@@ -189,3 +189,22 @@ def test_finetune_bad_input(pretrained, capsys):
         main(["finetune", "--task", "segment"])
     err = capsys.readouterr().err
     assert "invalid choice" in err and all(name in err for name in ("classify", "match", "vqa"))
+
+
+def test_zero_shot_head_init_predicts_like_zero_shot(pretrained):
+    """A linear head started from the class-prompt embeddings predicts exactly what zero-shot does."""
+    from vlpt.evaluate.suite import embed_images, shapes_classifier
+    from vlpt.evaluate.zero_shot import zero_shot_logits
+    from vlpt.train.finetune import build_task_model, load_task_data
+
+    config = apply_overrides(tiny_run_config(), ["finetune.task=classify", "finetune.train_size=32",
+                                                 "finetune.test_size=64"])
+    config.finetune.from_run = str(pretrained / "runs" / "pre")
+    data = load_task_data(config)
+    model = build_task_model(config, data).eval()
+    with torch.inference_mode():
+        head = model(torch.from_numpy(data.test.images)).argmax(1)
+    zero_shot = zero_shot_logits(embed_images(model.encoder, data.test.images), shapes_classifier(model.encoder))
+    assert torch.equal(head, zero_shot.argmax(1))
+    config.finetune.init_head = "random"
+    assert not torch.equal(build_task_model(config, data).head.net.weight, model.head.net.weight)

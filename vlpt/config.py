@@ -114,6 +114,7 @@ class FinetuneConfig:
     from_run: str | None = None  # pre-trained run or model folder; None: towers from scratch (model section)
     freeze_towers: bool = False  # train only fusion + head (with a linear head: the linear probe)
     head_hidden: int | None = None  # classify: hidden width of an MLP head; None: linear
+    init_head: str = "zero_shot"  # classify, linear head, pre-trained: zero_shot (class-prompt embeddings, FLYP-style) | random
     train_size: int = 10000  # shapes scenes to fine-tune on (digits: its fixed train split)
     test_size: int = 1000  # held-out shapes scenes to score on
     cross_width: int = 128  # cross fusion: Transformer width

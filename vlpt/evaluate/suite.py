@@ -91,6 +91,12 @@ def shapes_classifier(model: DualEncoder) -> torch.Tensor:
     return build_zero_shot_classifier(lambda texts: embed_texts(model, texts), shapes.CLASS_NAMES, SHAPES_TEMPLATES)
 
 
+def digits_classifier(model: DualEncoder) -> torch.Tensor:
+    """The 10-way digits zero-shot classifier (D, 10) from prompts never used as training captions."""
+    prompts = [[digits.fill_template(t, label) for t in digits.EVAL_TEMPLATES] for label in range(digits.NUM_CLASSES)]
+    return build_prompt_classifier(lambda texts: embed_texts(model, texts), prompts)
+
+
 def _retrieval(model: DualEncoder, images: np.ndarray, captions: Sequence[Sequence[str]], batch_size: int,
                num_examples: int = 4) -> tuple[dict[str, float], list[Any]]:
     texts = [c for caps in captions for c in caps]
@@ -144,9 +150,7 @@ def evaluate_digits(model: DualEncoder, data: DataConfig, config: EvalConfig) ->
     model.eval()
     train, test = load_split(data, "train"), load_split(data, "test")
     features = embed_images(model, test.images, config.batch_size)
-    prompts = [[digits.fill_template(t, label) for t in digits.EVAL_TEMPLATES] for label in range(digits.NUM_CLASSES)]
-    classifier = build_prompt_classifier(lambda texts: embed_texts(model, texts), prompts)
-    logits = zero_shot_logits(features, classifier)
+    logits = zero_shot_logits(features, digits_classifier(model))
     labels = torch.from_numpy(test.labels)
     metrics = accuracy(logits, labels, prefix="zeroshot_")
     confusion = confusion_matrix(logits.argmax(1), labels, digits.NUM_CLASSES)

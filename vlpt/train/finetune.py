@@ -20,7 +20,7 @@ from vlpt.data import digits, shapes
 from vlpt.data.finetune import ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
 from vlpt.evaluate.finetune import evaluate_task_model
 from vlpt.evaluate.report import write_report
-from vlpt.evaluate.suite import load_split
+from vlpt.evaluate.suite import digits_classifier, load_split, shapes_classifier
 from vlpt.factory import create_model, load_model
 from vlpt.models.fusion import FusionConfig
 from vlpt.models.task_model import TaskModel, TaskModelConfig, check_task
@@ -162,7 +162,24 @@ def build_task_model(config: RunConfig, data: TaskData) -> TaskModel:
                           cross_heads=ft.cross_heads)
     task_config = TaskModelConfig(task=ft.task, fusion=fusion, outputs=data.outputs, head_hidden=ft.head_hidden,
                                   freeze_towers=ft.freeze_towers)
-    return TaskModel(task_config, encoder)
+    model = TaskModel(task_config, encoder)
+    if ft.init_head not in ("zero_shot", "random"):
+        raise ValueError(f"unknown finetune.init_head {ft.init_head!r}; choose from zero_shot, random")
+    if ft.task == "classify" and ft.head_hidden is None and ft.from_run and ft.init_head == "zero_shot":
+        init_zero_shot_head(model, config.data.dataset)
+    return model
+
+
+@torch.no_grad()
+def init_zero_shot_head(model: TaskModel, dataset: str) -> None:
+    """Start the linear classifier at the zero-shot classifier: class-prompt text embeddings times the
+    learned temperature (as FLYP and WiSE-FT do). Fine-tuning then starts from the pre-trained model's
+    zero-shot accuracy instead of chance, and the towers are not pulled apart by a random head."""
+    encoder = model.encoder
+    classifier = shapes_classifier(encoder) if dataset == "shapes" else digits_classifier(encoder)  # (D, C)
+    scale = encoder.logit_scale.clamp(0, encoder.config.max_logit_scale).exp()
+    model.head.net.weight.copy_(scale * classifier.T)  # (C, D)
+    model.head.net.bias.zero_()
 
 
 # ----------------------------------------------------------------------------- run
