@@ -17,7 +17,7 @@ import torch
 
 from vlpt.config import ConfigError, list_configs, load_config
 from vlpt.data.shapes import default_cache_dir
-from vlpt.io import ImageLoadError, load_image
+from vlpt.io import ImageLoadError
 from vlpt.models.fusion import FUSION_METHODS
 from vlpt.models.task_model import TASKS
 
@@ -26,11 +26,13 @@ DEFAULT_RUNS = Path("runs")
 
 def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overwrite: bool,
               overrides: list[str]) -> dict:
+    from vlpt.train.caption import is_caption_run, run_caption
     from vlpt.train.run import run
 
     cfg = load_config(config, overrides)
     run_dir = runs_dir / (name or cfg.name)
-    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
+    train_fn = run_caption if is_caption_run(cfg) else run  # train.task: contrastive | caption | coca
+    metrics = train_fn(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
     if metrics:  # empty on torchrun ranks other than 0, which write nothing
         print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
@@ -75,10 +77,14 @@ def _is_task_run(run_dir: Path) -> bool:
 
 
 def cmd_eval(run_dir: Path) -> dict:
+    from vlpt.train.caption import evaluate_caption_run, is_caption_run
     from vlpt.train.finetune import evaluate_finetune_run
-    from vlpt.train.run import evaluate_run
+    from vlpt.train.run import evaluate_run, read_run_config
 
-    evaluate = evaluate_finetune_run if _is_task_run(run_dir) else evaluate_run
+    if is_caption_run(read_run_config(run_dir)):  # train.task caption | coca
+        evaluate = evaluate_caption_run
+    else:
+        evaluate = evaluate_finetune_run if _is_task_run(run_dir) else evaluate_run
     metrics = evaluate(run_dir, cache_dir=default_cache_dir())
     print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
@@ -90,10 +96,10 @@ def cmd_demo(runs_dir: Path, overrides: list[str]) -> dict:
 
 
 def _load_images(paths: Sequence[Path], model) -> torch.Tensor:
-    from vlpt.factory import image_transform
+    from vlpt.data.transforms import images_as_batch
 
-    transform = image_transform(model)
-    return torch.stack([transform(load_image(p)) for p in paths])
+    image = model.config.image
+    return images_as_batch(list(paths), image.image_size, image.mean, image.std)
 
 
 def cmd_classify(images: list[Path], labels: str, model_dir: Path) -> list[dict]:
@@ -200,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
     p.add_argument("-o", "--output", type=Path, help="write a .npy file instead of printing JSON lines")
 
+    p = sub.add_parser("caption", help="caption images with a trained captioner (train.task caption | coca)")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "caption-shapes", help="captioner model or run folder")
+    p.add_argument("--beam", type=int, default=1, help="beam width; 1 is greedy search")
+    p.add_argument("--max-length", type=int, default=None, help="tokens to generate at most (default: the model's)")
+    p.add_argument("--sample", action="store_true", help="sample instead of searching (--top-k, --top-p, --temperature)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: all")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the nucleus of this probability mass")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
     p = sub.add_parser("data", help="prepare data: write webdataset shards")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("shards", help="write an image folder (with captions.csv/.jsonl) or shapes/digits as tar shards")
@@ -238,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_classify(args.images, args.labels, args.model)
         elif args.command == "embed":
             cmd_embed(args.images, args.texts, args.model, args.output)
+        elif args.command == "caption":
+            from vlpt.train.caption import cmd_caption
+
+            cmd_caption(args.images, args.model, beam=args.beam, max_length=args.max_length,
+                        strategy="sample" if args.sample else None, top_k=args.top_k, top_p=args.top_p,
+                        temperature=args.temperature, seed=args.seed)
         elif args.command == "data" and args.data_command == "shards":
             from vlpt.data.shards import cmd_data_shards
 

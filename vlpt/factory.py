@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -51,7 +52,14 @@ def find_model_dir(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
     """Load a model saved with ``save_pretrained`` (or the final model of a run folder)."""
-    return DualEncoder.from_pretrained(find_model_dir(path), device=device)
+    directory = find_model_dir(path)
+    kind = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
+    if kind == "vlpt-task":
+        raise ValueError(f"{path} holds a fine-tuned task model: load it with vlpt.load_task_model")
+    if kind == "vlpt-captioner":
+        raise ValueError(f"{path} holds a captioner: load it with vlpt.models.load_captioner (its dual encoder "
+                         f"is in the run's dual_encoder/ folder)")
+    return DualEncoder.from_pretrained(directory, device=device)
 
 
 def load_task_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -62,7 +62,7 @@ class DualEncoder(nn.Module):
         self.text_cache = {}
         self.text_cache_limit = max_entries
 
-    def train(self, mode: bool = True) -> "DualEncoder":
+    def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
         if self.config.image.locked:
             self.image_tower.eval()
@@ -128,25 +128,46 @@ class DualEncoder(nn.Module):
         return Path(directory)
 
     def write_files(self, directory: Path) -> None:
+        write_model_files(directory, to_dict(self.config_for_saving()), self, self.tokenizer)
+
+    def config_for_saving(self) -> ModelConfig:
+        """The config with the text tower's HF config filled in, so loading needs no hub access."""
         config = copy.deepcopy(self.config)
         config.text.hf_config = self.text_tower.hf_config_dict()
-        (directory / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        return config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "DualEncoder":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.exists():
-            raise FileNotFoundError(f"{directory} is not a vlpt model folder (no {CONFIG_NAME})")
-        config = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
-        tokenizer = None
-        if (directory / TOKENIZER_DIR).exists():
-            tokenizer = Tokenizer.from_pretrained(directory / TOKENIZER_DIR, config.text.context_length)
-        model = cls(config, tokenizer, load_pretrained_weights=False)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
-        model.load_state_dict(state)
-        return model.to(device).eval()
+        data = read_model_config(directory)
+        config = from_dict(ModelConfig, data, where=str(directory / CONFIG_NAME))
+        model = cls(config, read_tokenizer(directory, config.text.context_length), load_pretrained_weights=False)
+        return load_weights(model, directory, device)
+
+
+# ----------------------------------------------------------------------------- files shared by every vlpt model
+
+def write_model_files(directory: Path, config: dict, model: nn.Module, tokenizer: Tokenizer | None) -> None:
+    """config.json + model.safetensors (+ tokenizer/): the layout of every vlpt model folder."""
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+
+
+def read_model_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a vlpt model folder (no {CONFIG_NAME})")
+    return json.loads(path.read_text())
+
+
+def read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
+    return Tokenizer.from_pretrained(directory / TOKENIZER_DIR, context_length) if (directory / TOKENIZER_DIR).exists() \
+        else None
+
+
+def load_weights(model: nn.Module, directory: Path, device: str | torch.device = "cpu"):
+    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+    return model.to(device).eval()

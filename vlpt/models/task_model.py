@@ -13,20 +13,25 @@ config) + ``model.safetensors`` (encoder, fusion and head weights) + ``tokenizer
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlpt.config import ModelConfig, from_dict, to_dict
 from vlpt.data.transforms import images_as_batch
 from vlpt.io import atomic_directory
-from vlpt.models.dual_encoder import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, DualEncoder
+from vlpt.models.dual_encoder import (
+    CONFIG_NAME,
+    DualEncoder,
+    load_weights,
+    read_model_config,
+    read_tokenizer,
+    write_model_files,
+)
 from vlpt.models.fusion import FUSION_METHODS, FusionConfig, create_fusion
 from vlpt.models.heads import ClassifierHead, MatchingHead, VQAHead
 from vlpt.tokenization import Tokenizer
@@ -82,7 +87,7 @@ class TaskModel(nn.Module):
     def tokenizer(self) -> Tokenizer | None:
         return self.encoder.tokenizer
 
-    def train(self, mode: bool = True) -> "TaskModel":
+    def train(self, mode: bool = True) -> TaskModel:
         super().train(mode)
         if self.config.freeze_towers:  # frozen towers keep BatchNorm statistics and dropout off
             self.encoder.eval()
@@ -174,27 +179,16 @@ class TaskModel(nn.Module):
 
     def write_files(self, directory: Path) -> None:
         config = copy.deepcopy(self.config)
-        config.encoder = copy.deepcopy(self.encoder.config)
-        config.encoder.text.hf_config = self.encoder.text_tower.hf_config_dict()
-        data = {"model_type": "vlpt-task", **to_dict(config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        config.encoder = self.encoder.config_for_saving()
+        write_model_files(directory, {"model_type": "vlpt-task", **to_dict(config)}, self, self.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "TaskModel":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:
         directory = Path(directory)
-        path = directory / CONFIG_NAME
-        data = json.loads(path.read_text()) if path.exists() else {}
+        data = read_model_config(directory)
         if data.pop("model_type", None) != "vlpt-task":
             raise FileNotFoundError(f"{directory} holds no fine-tuned vlpt task model (see `vlpt finetune`)")
-        config = from_dict(TaskModelConfig, data, where=str(path))
-        tokenizer = None
-        if (directory / TOKENIZER_DIR).exists():
-            tokenizer = Tokenizer.from_pretrained(directory / TOKENIZER_DIR, config.encoder.text.context_length)
+        config = from_dict(TaskModelConfig, data, where=str(directory / CONFIG_NAME))
+        tokenizer = read_tokenizer(directory, config.encoder.text.context_length)
         encoder = DualEncoder(config.encoder, tokenizer, load_pretrained_weights=False)
-        model = cls(config, encoder)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
-        return model.to(device).eval()
+        return load_weights(cls(config, encoder), directory, device)
