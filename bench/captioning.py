@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results  # noqa: E402
+from common import print_table, write_results
 
-from vlpt.config import load_config  # noqa: E402
-from vlpt.data.shapes import default_cache_dir  # noqa: E402
-from vlpt.train.caption import run_caption  # noqa: E402
+from vlpt.config import load_config
+from vlpt.data.shapes import default_cache_dir
+from vlpt.train.caption import run_caption
 
 QUICK = ["train.steps=30", "train.warmup_steps=5", "data.train_size=1024", "caption.eval_size=60",
          "train.checkpoint_every=0"]

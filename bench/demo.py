@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 VLPT = [sys.executable, "-m", "vlpt"]

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, write_results
 
-from vlpt.config import apply_overrides, load_config  # noqa: E402
-from vlpt.data.shapes import QUESTION_TYPES, default_cache_dir  # noqa: E402
-from vlpt.models.fusion import FUSION_METHODS  # noqa: E402
-from vlpt.train.finetune import evaluate_finetune_run, finetune_config, fit_finetune  # noqa: E402
-from vlpt.train.run import run  # noqa: E402
+from vlpt.config import apply_overrides, load_config
+from vlpt.data.shapes import QUESTION_TYPES, default_cache_dir
+from vlpt.models.fusion import FUSION_METHODS
+from vlpt.train.finetune import evaluate_finetune_run, finetune_config, fit_finetune
+from vlpt.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,11 +39,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
-from peak import measure_peak_gflops  # noqa: E402
-from train_throughput import (  # noqa: E402
-    EMBED, HEADS, IMAGE_SIZE, LAYERS, PATCH, TEXT_HEADS, TEXT_LAYERS, TEXT_MLP, TEXT_WIDTH, WIDTH,
-    build_openclip, build_vlpt, fixed_tokens, random_images, shapes_captions,
+from common import write_results
+from peak import measure_peak_gflops
+from train_throughput import (
+    EMBED,
+    HEADS,
+    IMAGE_SIZE,
+    LAYERS,
+    PATCH,
+    TEXT_HEADS,
+    TEXT_LAYERS,
+    TEXT_MLP,
+    TEXT_WIDTH,
+    WIDTH,
+    build_openclip,
+    build_vlpt,
+    fixed_tokens,
+    random_images,
+    shapes_captions,
 )
 
 log = logging.getLogger("inference")

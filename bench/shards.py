@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from vlpt.data.files import read_captions  # noqa: E402
-from vlpt.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
-from vlpt.data.shards import ShardReader, decode_image, write_shards  # noqa: E402
+from vlpt.data.files import read_captions
+from vlpt.data.shapes import ShapesConfig, ShapesDataset
+from vlpt.data.shards import ShardReader, decode_image, write_shards
 
 
 class FolderDataset(torch.utils.data.Dataset):

@@ -47,10 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_results  # noqa: E402
-from peak import measure_peak_gflops  # noqa: E402
+from common import write_results
+from peak import measure_peak_gflops
 
-from vlpt.config import ImageTowerConfig, ModelConfig, TextTowerConfig, TrainConfig  # noqa: E402
+from vlpt.config import ImageTowerConfig, ModelConfig, TextTowerConfig, TrainConfig
 
 log = logging.getLogger("train_throughput")
 

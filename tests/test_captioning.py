@@ -24,7 +24,13 @@ from vlpt.factory import create_model
 from vlpt.io import ImageLoadError
 from vlpt.models.captioner import Captioner, load_captioner
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
-from vlpt.train.caption import CaptionTask, CocaTask, cmd_caption, is_caption_run, run_caption
+from vlpt.train.caption import (
+    CaptionTask,
+    CocaTask,
+    cmd_caption,
+    is_caption_run,
+    run_caption,
+)
 from vlpt.train.trainer import Trainer
 
 BOS, EOS, PAD = 2, 3, 0  # the WordPiece tokenizer's [CLS], [SEP], [PAD] ids
@@ -343,3 +349,26 @@ def test_a_stopped_coca_run_resumes_exactly(tmp_path):
     assert sorted(cut) == [1, 2, 3, 4]
     for step in full:
         assert cut[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+
+
+def test_cli_train_caption_eval_and_caption_images(tmp_path, capsys):
+    from PIL import Image
+
+    from vlpt.cli import main
+    from vlpt.config import save_config
+
+    config = tiny_run_config(steps=2, **{"train.task": "caption", "caption.model.width": 32, "caption.model.layers": 1,
+                                         "caption.eval_size": 8, "caption.grid_images": 4, "data.train_size": 64,
+                                         "train.checkpoint_every": 0})
+    save_config(config, tmp_path / "cap.yaml")
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(tmp_path / "cap.yaml"), "--name", "cap", "--runs-dir", str(runs)]) == 0
+    assert "bleu4_beam" in json.loads((runs / "cap" / "metrics.json").read_text())
+    assert main(["eval", str(runs / "cap")]) == 0
+    image = tmp_path / "scene.png"
+    Image.fromarray(ShapesDataset(ShapesConfig(split="test", size=1, image_size=32)).images[0]).save(image)
+    capsys.readouterr()
+    assert main(["caption", str(image), "--model", str(runs / "cap"), "--beam", "2"]) == 0
+    assert "scene.png" in capsys.readouterr().out
+    assert main(["caption", str(image), "--model", str(runs / "cap"), "--beam", "0"]) == 2
+    assert "beam width" in capsys.readouterr().err

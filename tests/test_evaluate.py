@@ -27,7 +27,6 @@ from vlpt.evaluate import (
     zero_shot_logits,
 )
 
-
 # ----------------------------------------------------------------------------- retrieval
 
 def test_retrieval_hand_made_multiple_captions():

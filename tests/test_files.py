@@ -12,7 +12,12 @@ from PIL import Image
 from tests.conftest import tiny_run_config
 from vlpt.cli import main
 from vlpt.config import save_config
-from vlpt.data.files import CaptionsFileError, FilesDataset, UnsafePathError, read_captions
+from vlpt.data.files import (
+    CaptionsFileError,
+    FilesDataset,
+    UnsafePathError,
+    read_captions,
+)
 from vlpt.data.shapes import CLASS_NAMES, ShapesConfig, ShapesDataset
 from vlpt.io import ImageLoadError
 

@@ -12,7 +12,12 @@ from tests.conftest import tiny_model_config, tiny_run_config
 from vlpt.cli import main
 from vlpt.config import apply_overrides, save_config
 from vlpt.data import shapes
-from vlpt.data.finetune import MatchBatches, QuestionBatches, signature_ids, swapped_captions
+from vlpt.data.finetune import (
+    MatchBatches,
+    QuestionBatches,
+    signature_ids,
+    swapped_captions,
+)
 from vlpt.evaluate.matching import matching_accuracy
 from vlpt.evaluate.vqa import vqa_accuracy
 from vlpt.factory import create_model, load_model, load_task_model

@@ -2,8 +2,19 @@ import numpy as np
 import pytest
 
 from vlpt.data import shapes
-from vlpt.data.shapes import (ANSWERS, CLASS_NAMES, COLOR_NAMES, COMPOSITIONAL_PAIRS, POSITIONS, QUESTION_TYPES,
-                              SHAPES, SIZES, ShapesConfig, ShapesDataset, sample_scene)
+from vlpt.data.shapes import (
+    ANSWERS,
+    CLASS_NAMES,
+    COLOR_NAMES,
+    COMPOSITIONAL_PAIRS,
+    POSITIONS,
+    QUESTION_TYPES,
+    SHAPES,
+    SIZES,
+    ShapesConfig,
+    ShapesDataset,
+    sample_scene,
+)
 
 
 def test_vocabulary_matches_the_spec():

@@ -16,8 +16,15 @@ from vlpt.cli import main
 from vlpt.config import save_config
 from vlpt.data.shapes import ShapesConfig, ShapesDataset
 from vlpt.data.shards import (
-    FAILURE_KINDS, ShardBatches, ShardReader, ShardReadError, cmd_data_shards, plan_shards, read_samples,
-    shard_captions, write_shards,
+    FAILURE_KINDS,
+    ShardBatches,
+    ShardReader,
+    ShardReadError,
+    cmd_data_shards,
+    plan_shards,
+    read_samples,
+    shard_captions,
+    write_shards,
 )
 from vlpt.tokenization import Tokenizer, train_wordpiece
 

@@ -16,7 +16,7 @@ of ranks instead of an all-gather (its backward sends each chunk's gradient back
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

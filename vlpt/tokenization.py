@@ -87,5 +87,5 @@ class Tokenizer:
         self.hf.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, context_length: int) -> "Tokenizer":
+    def from_pretrained(cls, directory: str | Path, context_length: int) -> Tokenizer:
         return cls(AutoTokenizer.from_pretrained(str(directory)), context_length)

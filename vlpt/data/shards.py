@@ -62,7 +62,13 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.writer import TarWriter
 
 from vlpt.data.files import (
-    MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, as_rgb, encode_labels, open_checked, read_captions, resize_center_crop,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    as_rgb,
+    encode_labels,
+    open_checked,
+    read_captions,
+    resize_center_crop,
 )
 from vlpt.io import ImageLoadError, atomic_write_text, load_image
 

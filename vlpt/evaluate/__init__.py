@@ -2,7 +2,11 @@
 
 from vlpt.evaluate.linear_probe import linear_probe
 from vlpt.evaluate.report import write_metrics, write_report
-from vlpt.evaluate.retrieval import retrieval_metrics, retrieval_ranks, text_to_image_examples
+from vlpt.evaluate.retrieval import (
+    retrieval_metrics,
+    retrieval_ranks,
+    text_to_image_examples,
+)
 from vlpt.evaluate.zero_shot import (
     COLOR_CLASS_NAMES,
     SHAPE_CLASS_NAMES,
@@ -17,8 +21,8 @@ from vlpt.evaluate.zero_shot import (
 
 __all__ = [
     "COLOR_CLASS_NAMES",
-    "SHAPE_CLASS_NAMES",
     "SHAPES_TEMPLATES",
+    "SHAPE_CLASS_NAMES",
     "accuracy",
     "build_prompt_classifier",
     "build_zero_shot_classifier",

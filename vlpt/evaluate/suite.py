@@ -17,8 +17,14 @@ from vlpt.data import digits, files, shapes
 from vlpt.evaluate.linear_probe import linear_probe
 from vlpt.evaluate.retrieval import retrieval_metrics, text_to_image_examples
 from vlpt.evaluate.zero_shot import (
-    COLOR_CLASS_NAMES, SHAPE_CLASS_NAMES, SHAPES_TEMPLATES, accuracy, build_prompt_classifier,
-    build_zero_shot_classifier, confusion_matrix, zero_shot_logits,
+    COLOR_CLASS_NAMES,
+    SHAPE_CLASS_NAMES,
+    SHAPES_TEMPLATES,
+    accuracy,
+    build_prompt_classifier,
+    build_zero_shot_classifier,
+    confusion_matrix,
+    zero_shot_logits,
 )
 from vlpt.models.dual_encoder import DualEncoder
 
@@ -114,7 +120,7 @@ def evaluate_shapes(model: DualEncoder, data: DataConfig, config: EvalConfig, ca
 
     model.eval()
     bs = config.batch_size
-    encode = lambda texts: embed_texts(model, texts)  # noqa: E731
+    encode = lambda texts: embed_texts(model, texts)
     single = load("test", config.zero_shot_size, single=True)
     features = embed_images(model, single.images, bs)
     classifier = shapes_classifier(model)

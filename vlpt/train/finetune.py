@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from vlpt.config import RunConfig, save_config
 from vlpt.data import digits, shapes
-from vlpt.data.finetune import ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
+from vlpt.data.finetune import (
+    ClassifyBatches,
+    MatchBatches,
+    QuestionBatches,
+    flatten_questions,
+)
 from vlpt.evaluate.finetune import evaluate_task_model
 from vlpt.evaluate.report import write_report
 from vlpt.evaluate.suite import digits_classifier, load_split, shapes_classifier
