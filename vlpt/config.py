@@ -148,6 +148,21 @@ class CaptionConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    image_size: int = 32  # generated image side in pixels (32 or 64); a multiple of 2 ** (levels - 1)
+    block_channels: tuple[int, ...] = (64, 128, 128)  # UNet channels per resolution level
+    attention_levels: tuple[bool, ...] = (False, True, True)  # per level: cross-attention to the text or not
+    layers_per_block: int = 2  # ResNet (+ attention) layers per UNet level
+    heads: int = 4  # attention heads in the UNet's transformer blocks
+    norm_groups: int = 16  # GroupNorm groups; must divide every entry of block_channels
+    cross_attention_dim: int = 128  # width the text tower's tokens are projected to for cross-attention
+    condition_dropout: float = 0.1  # training: odds of replacing the text with the unconditional embedding (CFG)
+    train_timesteps: int = 1000  # DDPM noise levels in training
+    beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule: squaredcos_cap_v2 | linear | scaled_linear
+    freeze_text: bool = True  # lock the dual encoder's text tower; the context projection still trains
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)

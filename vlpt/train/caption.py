@@ -40,13 +40,12 @@ from vlpt.evaluate.captioning import (
 from vlpt.evaluate.report import write_report
 from vlpt.evaluate.suite import load_split
 from vlpt.factory import create_model, find_model_dir, get_tokenizer, load_model
-from vlpt.io import atomic_directory
 from vlpt.models.captioner import MODEL_TYPE, Captioner, load_captioner
 from vlpt.models.decoding import DecodingConfig
 from vlpt.models.dual_encoder import CONFIG_NAME, TOKENIZER_DIR, DualEncoder
 from vlpt.tokenization import Tokenizer
 from vlpt.train.checkpoint import latest_checkpoint
-from vlpt.train.run import CONFIG_FILE, RunExistsError, load_train_data, read_run_config
+from vlpt.train.run import CONFIG_FILE, load_train_data, read_run_config, run
 from vlpt.train.tasks import ContrastiveTask
 from vlpt.train.trainer import Trainer, read_log
 
@@ -261,21 +260,10 @@ def evaluate_caption_run(run_dir: str | Path, model: Captioner | None = None, ex
 
 def run_caption(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                 cache_dir=None) -> dict[str, float]:
-    """Train then evaluate a captioning run (``train.task`` caption | coca). Like ``vlpt.train.run.run``:
-    an existing run folder is an error unless ``resume`` or ``overwrite`` (built aside, swapped in when done)."""
-    run_dir = Path(run_dir)
-    if resume and (run_dir / CONFIG_FILE).exists():
-        config = read_run_config(run_dir)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
-                                 f"--overwrite to replace it once the new run completes, or choose another --name")
-        with atomic_directory(run_dir) as tmp:
-            model, seconds = train_captioner(config, tmp, cache_dir=cache_dir)
-            evaluate_caption_run(tmp, model, {"train_seconds": seconds}, cache_dir)
-        return json.loads((run_dir / "metrics.json").read_text())
-    model, seconds = train_captioner(config, run_dir, resume=resume, cache_dir=cache_dir)
-    return evaluate_caption_run(run_dir, model, {"train_seconds": seconds}, cache_dir)
+    """Train then evaluate a captioning run (``train.task`` caption | coca), with the run-folder rules of
+    ``vlpt.train.run.run``: an existing folder is an error unless ``resume`` or ``overwrite``."""
+    return run(config, run_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
+               fit_fn=train_captioner, evaluate_fn=evaluate_caption_run)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,0 +1,263 @@
+"""Text -> image: a pixel-space denoising diffusion model conditioned on vlpt's text tower.
+
+    prompt -> tokenizer -> text_tower.forward_features -> tokens (B, L, C) -> context_proj -> (B, L, X)
+    x_t (B, 3, H, W), t -> UNet2DConditionModel (cross-attention to the context) -> predicted noise (B, 3, H, W)
+
+Training (DDPM, Ho et al. 2020): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps with a random t,
+loss = MSE(eps_theta(x_t, t, c), eps). Condition dropout (Ho & Salimans 2022) replaces c with a learned
+unconditional embedding with probability ``condition_dropout``, so one network learns both
+eps(x_t, c) and eps(x_t, null). Sampling (DDIM, eta = 0, deterministic given the initial noise) uses
+classifier-free guidance:
+
+    eps = eps_uncond + g * (eps_cond - eps_uncond)      g = 0: unconditional, g = 1: conditional only
+
+The building blocks (UNet, schedulers) are ``diffusers``'; the text tower is a vlpt dual encoder's,
+frozen (``GeneratorConfig.freeze_text``) or trained jointly. Images are uint8 (B, H, W, 3) outside the
+model and [-1, 1] floats (B, 3, H, W) inside.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlpt.config import GeneratorConfig, ModelConfig, from_dict, to_dict
+from vlpt.io import atomic_directory
+from vlpt.models.dual_encoder import (
+    CONFIG_NAME,
+    DualEncoder,
+    load_weights,
+    read_model_config,
+    read_tokenizer,
+    write_model_files,
+)
+
+__all__ = ["GeneratorConfig", "TextToImageGenerator", "classifier_free_guidance", "load_generator"]
+
+MODEL_TYPE = "vlpt-generator"  # config.json's "model_type": tells a generator folder from a dual encoder's
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float
+                             ) -> torch.Tensor:
+    """eps = eps_uncond + g * (eps_cond - eps_uncond): g = 0 unconditional, g = 1 conditional, g > 1 sharper."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def build_unet(config: GeneratorConfig) -> UNet2DConditionModel:
+    levels = len(config.block_channels)
+    if len(config.attention_levels) != levels:
+        raise ValueError(f"attention_levels has {len(config.attention_levels)} entries but block_channels "
+                         f"has {levels}; give one per UNet level")
+    if config.image_size < 1 or config.image_size % 2 ** (levels - 1):
+        raise ValueError(f"image_size must be a positive multiple of {2 ** (levels - 1)} for a {levels}-level "
+                         f"UNet, got {config.image_size}")
+    bad = [c for c in config.block_channels if c % config.norm_groups]
+    if bad:
+        raise ValueError(f"norm_groups ({config.norm_groups}) must divide every UNet channel count; "
+                         f"it does not divide {bad}")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
+    return UNet2DConditionModel(
+        sample_size=config.image_size, in_channels=3, out_channels=3,
+        block_out_channels=tuple(config.block_channels), layers_per_block=config.layers_per_block,
+        down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.heads,  # diffusers' legacy name: it is the number of heads here
+        norm_num_groups=config.norm_groups,
+    )
+
+
+def images_to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+
+
+def pixels_to_images(pixels: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) on the CPU."""
+    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu()  # (B, H, W, 3)
+
+
+class TextToImageGenerator(nn.Module):
+    """A dual encoder's text tower + a cross-attention UNet denoiser; see the module docstring."""
+
+    def __init__(self, config: GeneratorConfig, dual_encoder: DualEncoder):
+        super().__init__()
+        if dual_encoder.tokenizer is None:
+            raise ValueError("the generator needs the dual encoder's tokenizer (it has none)")
+        if not 0.0 <= config.condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1], got {config.condition_dropout}")
+        if config.train_timesteps < 1:
+            raise ValueError(f"train_timesteps must be at least 1, got {config.train_timesteps}")
+        self.config = copy.deepcopy(config)
+        self.dual_encoder = dual_encoder
+        self.tokenizer = dual_encoder.tokenizer
+        # The image tower plays no part in generation (it stays for CLIP-score / Frechet evaluation).
+        dual_encoder.lock_towers(image=True, text=config.freeze_text)
+        text_dim = dual_encoder.text_tower.output_dim
+        X = config.cross_attention_dim
+        self.context_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, X))  # (B, L, C) -> (B, L, X)
+        self.null_context = nn.Parameter(torch.randn(1, 1, X) * 0.02)  # the unconditional "prompt"
+        self.unet = build_unet(config)
+        self.train_scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps,
+                                             beta_schedule=config.beta_schedule, prediction_type="epsilon",
+                                             clip_sample=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.null_context.device
+
+    @property
+    def text_frozen(self) -> bool:
+        return self.dual_encoder.config.text.locked
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> cross-attention context (B, L, X); no text-tower gradients when it is frozen."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.text_frozen):
+            tokens, _ = self.dual_encoder.text_tower.forward_features(input_ids, attention_mask)  # (B, L, C)
+        return self.context_proj(tokens)  # (B, L, X)
+
+    def unconditional_context(self, batch_size: int, length: int = 1) -> torch.Tensor:
+        return self.null_context.expand(batch_size, length, -1)  # (B, L, X)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's noise prediction eps(x_t, t, context): (B, 3, H, W)."""
+        return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+
+    def guided_noise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                     guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guided noise prediction; both branches in one UNet batch of 2B."""
+        B, L = mask.shape
+        if guidance_scale == 1.0:
+            return self.denoise(x, t, context, mask)
+        null = self.unconditional_context(B, L)  # (B, L, X): identical tokens, so no mask is needed
+        both = self.denoise(torch.cat([x, x]), t, torch.cat([null, context]),
+                            torch.cat([torch.ones_like(mask), mask]))  # (2B, 3, H, W)
+        eps_uncond, eps_cond = both.chunk(2)
+        return classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise-prediction MSE on a batch of uint8 images (B, H, W, 3) and their captions' tokens.
+
+        ``generator`` (a CPU torch.Generator) draws the noise, the timesteps and the condition dropout,
+        so a run is reproducible and resumable."""
+        size = self.config.image_size
+        if images.shape[1:3] != (size, size):
+            raise ValueError(f"images are {tuple(images.shape[1:3])} pixels but the generator makes "
+                             f"{size}x{size}; render the data at image_size={size}")
+        x0 = images_to_pixels(images.to(self.device))  # (B, 3, H, W)
+        B = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)  # (B, 3, H, W)
+        t = torch.randint(0, self.config.train_timesteps, (B,), generator=generator).to(self.device)
+        drop = (torch.rand(B, generator=generator) < self.config.condition_dropout).to(self.device)  # (B,)
+        x_t = self.train_scheduler.add_noise(x0, noise, t)  # sqrt(a_bar) x0 + sqrt(1 - a_bar) eps
+        mask = attention_mask.to(self.device)
+        context = self.encode_context(input_ids, mask)  # (B, L, X)
+        context = torch.where(drop[:, None, None], self.unconditional_context(B, context.shape[1]), context)
+        mask = torch.where(drop[:, None], torch.ones_like(mask), mask)  # (B, L)
+        eps = self.denoise(x_t, t, context, mask)  # (B, 3, H, W)
+        return F.mse_loss(eps.float(), noise.float())
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.training_loss(images, input_ids, attention_mask, generator)
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """A fresh DDIM scheduler (eta = 0) over the training noise schedule."""
+        return DDIMScheduler(num_train_timesteps=self.config.train_timesteps, beta_schedule=self.config.beta_schedule,
+                             prediction_type="epsilon", clip_sample=True, set_alpha_to_one=True,
+                             timestep_spacing="trailing")
+
+    @torch.inference_mode()
+    def generate_images(self, prompts: str | Sequence[str], num_inference_steps: int = 30,
+                        guidance_scale: float = 3.0, seed: int = 0, progress: bool = True,
+                        num_images_per_prompt: int = 1) -> torch.Tensor:
+        """uint8 images (N, H, W, 3), N = len(prompts) * num_images_per_prompt (each prompt's images together).
+
+        DDIM with classifier-free guidance; the same seed gives the same images."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given; pass at least one non-empty prompt")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty; describe the image in at least one word")
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if num_inference_steps > self.config.train_timesteps:
+            raise ValueError(f"num_inference_steps must be at most the {self.config.train_timesteps} training "
+                             f"timesteps, got {num_inference_steps}")
+        if not guidance_scale >= 0:  # also rejects NaN
+            raise ValueError(f"guidance_scale must be >= 0 (0: unconditional, 1: no guidance), got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        tokens = self.tokenizer(prompts)
+        was_training = self.training
+        self.eval()
+        try:
+            mask = tokens["attention_mask"].to(self.device)
+            context = self.encode_context(tokens["input_ids"], mask)  # (N, L, X), once for all steps
+            size = self.config.image_size
+            noise_gen = torch.Generator().manual_seed(int(seed))
+            x = torch.randn((len(prompts), 3, size, size), generator=noise_gen).to(self.device)  # (N, 3, H, W)
+            scheduler = self.sampling_scheduler()
+            scheduler.set_timesteps(int(num_inference_steps), device=self.device)
+            for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+                eps = self.guided_noise(x, t, context, mask, float(guidance_scale))
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample  # (N, 3, H, W)
+            return pixels_to_images(x)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json (generator + dual encoder configs), model.safetensors (all weights), tokenizer/."""
+        with atomic_directory(directory) as tmp:
+            self.write_files(tmp)
+        return Path(directory)
+
+    def write_files(self, directory: Path) -> None:
+        config = {"model_type": MODEL_TYPE, "generator": to_dict(self.config),
+                  "dual_encoder": to_dict(self.dual_encoder.config_for_saving())}
+        write_model_files(directory, config, self, self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:
+        directory = Path(directory)
+        data = read_model_config(directory)
+        if data.get("model_type") != MODEL_TYPE:
+            kind = data.get("model_type") or "a dual encoder"
+            raise ValueError(f"{directory} holds {kind}, not a text -> image generator ({MODEL_TYPE})")
+        where = str(directory / CONFIG_NAME)
+        config = from_dict(GeneratorConfig, data["generator"], where=f"{where}:generator")
+        dual_config = from_dict(ModelConfig, data["dual_encoder"], where=f"{where}:dual_encoder")
+        tokenizer = read_tokenizer(directory, dual_config.text.context_length)
+        dual = DualEncoder(dual_config, tokenizer, load_pretrained_weights=False)
+        return load_weights(cls(config, dual), directory, device)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:
+    """A generator saved with ``save_pretrained``, or the final model of a run folder."""
+    from vlpt.factory import find_model_dir
+
+    return TextToImageGenerator.from_pretrained(find_model_dir(path), device=device)
