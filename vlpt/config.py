@@ -159,6 +159,7 @@ class GeneratorConfig:
     condition_dropout: float = 0.1  # training: odds of replacing the text with the unconditional embedding (CFG)
     train_timesteps: int = 1000  # DDPM noise levels in training
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule: squaredcos_cap_v2 | linear | scaled_linear
+    prediction_type: str = "epsilon"  # the UNet predicts: epsilon (the noise, DDPM) | v_prediction (Salimans & Ho)
     freeze_text: bool = True  # lock the dual encoder's text tower; the context projection still trains
 
 
