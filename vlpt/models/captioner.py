@@ -26,17 +26,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vlpt.config import CaptionerConfig, ModelConfig, from_dict, to_dict
+from vlpt.config import CaptionerConfig
 from vlpt.data.transforms import images_as_batch
 from vlpt.io import atomic_directory
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
 from vlpt.models.dual_encoder import (
-    CONFIG_NAME,
     DualEncoder,
     load_weights,
-    read_model_config,
-    read_tokenizer,
-    write_model_files,
+    read_with_encoder,
+    write_with_encoder,
 )
 from vlpt.models.fusion import Attention
 
@@ -272,23 +270,12 @@ class Captioner(nn.Module):
         return Path(directory)
 
     def write_files(self, directory: Path) -> None:
-        config = {"model_type": MODEL_TYPE, "captioner": to_dict(self.config),
-                  "dual_encoder": to_dict(self.dual_encoder.config_for_saving())}
-        write_model_files(directory, config, self, self.tokenizer)
+        write_with_encoder(directory, MODEL_TYPE, "captioner", self.config, self, self.dual_encoder)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Captioner:
         directory = Path(directory)
-        data = read_model_config(directory)
-        if data.get("model_type") != MODEL_TYPE:
-            kind = data.get("model_type") or "a dual encoder"
-            raise ValueError(f"{directory} holds {kind}, not a captioner ({MODEL_TYPE}); train one with "
-                             f"train.task=caption or coca")
-        where = str(directory / CONFIG_NAME)
-        config = from_dict(CaptionerConfig, data["captioner"], where=f"{where}:captioner")
-        dual_config = from_dict(ModelConfig, data["dual_encoder"], where=f"{where}:dual_encoder")
-        tokenizer = read_tokenizer(directory, dual_config.text.context_length)
-        dual = DualEncoder(dual_config, tokenizer, load_pretrained_weights=False)
+        config, dual = read_with_encoder(directory, MODEL_TYPE, "captioner", CaptionerConfig, "a captioner; train one with train.task=caption or coca")
         return load_weights(cls(config, dual), directory, device)
 
 

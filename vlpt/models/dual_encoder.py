@@ -171,3 +171,25 @@ def read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
 def load_weights(model: nn.Module, directory: Path, device: str | torch.device = "cpu"):
     model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
     return model.to(device).eval()
+
+
+def write_with_encoder(directory: Path, model_type: str, section: str, config, model: nn.Module,
+                       dual_encoder: DualEncoder) -> None:
+    """A model built on a dual encoder (captioner, generator): its own config under ``section`` next to
+    the dual encoder's, all weights in one file."""
+    data = {"model_type": model_type, section: to_dict(config), "dual_encoder": to_dict(dual_encoder.config_for_saving())}
+    write_model_files(directory, data, model, dual_encoder.tokenizer)
+
+
+def read_with_encoder(directory: Path, model_type: str, section: str, config_cls: type, what: str):
+    """(config, freshly built dual encoder) of a folder written by ``write_with_encoder``; weights are
+    loaded afterwards with ``load_weights`` on the whole model."""
+    data = read_model_config(directory)
+    if data.get("model_type") != model_type:
+        kind = data.get("model_type") or "a dual encoder"
+        raise ValueError(f"{directory} holds {kind}, not {what} ({model_type})")
+    where = str(directory / CONFIG_NAME)
+    config = from_dict(config_cls, data[section], where=f"{where}:{section}")
+    dual_config = from_dict(ModelConfig, data["dual_encoder"], where=f"{where}:dual_encoder")
+    tokenizer = read_tokenizer(directory, dual_config.text.context_length)
+    return config, DualEncoder(dual_config, tokenizer, load_pretrained_weights=False)

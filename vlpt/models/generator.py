@@ -32,15 +32,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlpt.config import GeneratorConfig, ModelConfig, from_dict, to_dict
+from vlpt.config import GeneratorConfig
 from vlpt.io import atomic_directory
 from vlpt.models.dual_encoder import (
-    CONFIG_NAME,
     DualEncoder,
     load_weights,
-    read_model_config,
-    read_tokenizer,
-    write_model_files,
+    read_with_encoder,
+    write_with_encoder,
 )
 
 __all__ = ["GeneratorConfig", "TextToImageGenerator", "classifier_free_guidance", "load_generator"]
@@ -248,22 +246,12 @@ class TextToImageGenerator(nn.Module):
         return Path(directory)
 
     def write_files(self, directory: Path) -> None:
-        config = {"model_type": MODEL_TYPE, "generator": to_dict(self.config),
-                  "dual_encoder": to_dict(self.dual_encoder.config_for_saving())}
-        write_model_files(directory, config, self, self.tokenizer)
+        write_with_encoder(directory, MODEL_TYPE, "generator", self.config, self, self.dual_encoder)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:
         directory = Path(directory)
-        data = read_model_config(directory)
-        if data.get("model_type") != MODEL_TYPE:
-            kind = data.get("model_type") or "a dual encoder"
-            raise ValueError(f"{directory} holds {kind}, not a text -> image generator ({MODEL_TYPE})")
-        where = str(directory / CONFIG_NAME)
-        config = from_dict(GeneratorConfig, data["generator"], where=f"{where}:generator")
-        dual_config = from_dict(ModelConfig, data["dual_encoder"], where=f"{where}:dual_encoder")
-        tokenizer = read_tokenizer(directory, dual_config.text.context_length)
-        dual = DualEncoder(dual_config, tokenizer, load_pretrained_weights=False)
+        config, dual = read_with_encoder(directory, MODEL_TYPE, "generator", GeneratorConfig, "a text -> image generator")
         return load_weights(cls(config, dual), directory, device)
 
 
