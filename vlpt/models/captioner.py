@@ -28,13 +28,10 @@ from torch import nn
 
 from vlpt.config import CaptionerConfig
 from vlpt.data.transforms import images_as_batch
-from vlpt.io import atomic_directory
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
 from vlpt.models.dual_encoder import (
+    BuiltOnEncoder,
     DualEncoder,
-    load_weights,
-    read_with_encoder,
-    write_with_encoder,
 )
 from vlpt.models.fusion import Attention
 
@@ -135,13 +132,18 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class Captioner(nn.Module):
+class Captioner(BuiltOnEncoder, nn.Module):
     """A dual encoder plus a caption decoder that reads its image tower's tokens.
 
     With the dual encoder's image tower locked (``dual_encoder.lock_towers(image=True, ...)``), image
     features are computed without gradients and only the decoder trains (captioning on a frozen
     pre-trained encoder); otherwise gradients reach the tower (CoCa / captioning from scratch).
     """
+
+    MODEL_TYPE = MODEL_TYPE  # save / load (BuiltOnEncoder): config.json's model_type and section
+    CONFIG_SECTION = "captioner"
+    CONFIG_CLASS = CaptionerConfig
+    DESCRIPTION = "a captioner; train one with train.task=caption or coca"
 
     def __init__(self, config: CaptionerConfig, dual_encoder: DualEncoder):
         super().__init__()
@@ -261,22 +263,6 @@ class Captioner(nn.Module):
             # WordPiece decoding spaces out punctuation ("shapes : a", "hand - written"); undo it for reading.
             texts.append(_HYPHEN.sub(r"\1-\2", _BEFORE_PUNCT.sub(r"\1", text)))
         return texts
-
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """config.json (decoder + dual encoder configs), model.safetensors (all weights), tokenizer/."""
-        with atomic_directory(directory) as tmp:
-            self.write_files(tmp)
-        return Path(directory)
-
-    def write_files(self, directory: Path) -> None:
-        write_with_encoder(directory, MODEL_TYPE, "captioner", self.config, self, self.dual_encoder)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Captioner:
-        directory = Path(directory)
-        config, dual = read_with_encoder(directory, MODEL_TYPE, "captioner", CaptionerConfig, "a captioner; train one with train.task=caption or coca")
-        return load_weights(cls(config, dual), directory, device)
 
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Captioner:

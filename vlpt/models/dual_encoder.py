@@ -26,7 +26,17 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 
-class DualEncoder(nn.Module):
+class SavesPretrained:
+    """``save_pretrained`` of every vlpt model: ``write_files`` into a temp folder renamed into place, so a
+    crash never leaves half a model where a good one was."""
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        with atomic_directory(directory) as tmp:
+            self.write_files(tmp)
+        return Path(directory)
+
+
+class DualEncoder(SavesPretrained, nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None,
                  load_pretrained_weights: bool = True):
         super().__init__()
@@ -121,12 +131,6 @@ class DualEncoder(nn.Module):
         }
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors and tokenizer/ atomically (temp folder + rename)."""
-        with atomic_directory(directory) as tmp:
-            self.write_files(tmp)
-        return Path(directory)
-
     def write_files(self, directory: Path) -> None:
         write_model_files(directory, to_dict(self.config_for_saving()), self, self.tokenizer)
 
@@ -171,6 +175,26 @@ def read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
 def load_weights(model: nn.Module, directory: Path, device: str | torch.device = "cpu"):
     model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
     return model.to(device).eval()
+
+
+class BuiltOnEncoder(SavesPretrained):
+    """Save / load for a model built on a dual encoder (captioner, generator): subclasses set ``MODEL_TYPE``,
+    ``CONFIG_SECTION``, ``CONFIG_CLASS``, ``DESCRIPTION`` and keep ``config`` and ``dual_encoder``."""
+
+    MODEL_TYPE: str
+    CONFIG_SECTION: str
+    CONFIG_CLASS: type
+    DESCRIPTION: str
+
+    def write_files(self, directory: Path) -> None:
+        write_with_encoder(directory, self.MODEL_TYPE, self.CONFIG_SECTION, self.config, self, self.dual_encoder)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        directory = Path(directory)
+        config, dual = read_with_encoder(directory, cls.MODEL_TYPE, cls.CONFIG_SECTION, cls.CONFIG_CLASS,
+                                         cls.DESCRIPTION)
+        return load_weights(cls(config, dual), directory, device)
 
 
 def write_with_encoder(directory: Path, model_type: str, section: str, config, model: nn.Module,

@@ -33,12 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlpt.config import GeneratorConfig
-from vlpt.io import atomic_directory
 from vlpt.models.dual_encoder import (
+    BuiltOnEncoder,
     DualEncoder,
-    load_weights,
-    read_with_encoder,
-    write_with_encoder,
 )
 
 __all__ = ["GeneratorConfig", "TextToImageGenerator", "classifier_free_guidance", "load_generator"]
@@ -90,8 +87,13 @@ def pixels_to_images(pixels: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).cpu()  # (B, H, W, 3)
 
 
-class TextToImageGenerator(nn.Module):
+class TextToImageGenerator(BuiltOnEncoder, nn.Module):
     """A dual encoder's text tower + a cross-attention UNet denoiser; see the module docstring."""
+
+    MODEL_TYPE = MODEL_TYPE  # save / load (BuiltOnEncoder): config.json's model_type and section
+    CONFIG_SECTION = "generator"
+    CONFIG_CLASS = GeneratorConfig
+    DESCRIPTION = "a text -> image generator"
 
     def __init__(self, config: GeneratorConfig, dual_encoder: DualEncoder):
         super().__init__()
@@ -237,22 +239,6 @@ class TextToImageGenerator(nn.Module):
             return pixels_to_images(x)
         finally:
             self.train(was_training)
-
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """config.json (generator + dual encoder configs), model.safetensors (all weights), tokenizer/."""
-        with atomic_directory(directory) as tmp:
-            self.write_files(tmp)
-        return Path(directory)
-
-    def write_files(self, directory: Path) -> None:
-        write_with_encoder(directory, MODEL_TYPE, "generator", self.config, self, self.dual_encoder)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:
-        directory = Path(directory)
-        config, dual = read_with_encoder(directory, MODEL_TYPE, "generator", GeneratorConfig, "a text -> image generator")
-        return load_weights(cls(config, dual), directory, device)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:

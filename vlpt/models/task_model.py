@@ -23,10 +23,10 @@ from torch import nn
 
 from vlpt.config import ModelConfig, from_dict, to_dict
 from vlpt.data.transforms import images_as_batch
-from vlpt.io import atomic_directory
 from vlpt.models.dual_encoder import (
     CONFIG_NAME,
     DualEncoder,
+    SavesPretrained,
     load_weights,
     read_model_config,
     read_tokenizer,
@@ -54,7 +54,7 @@ def check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-class TaskModel(nn.Module):
+class TaskModel(SavesPretrained, nn.Module):
     def __init__(self, config: TaskModelConfig, encoder: DualEncoder):
         super().__init__()
         check_task(config.task)
@@ -172,11 +172,6 @@ class TaskModel(nn.Module):
         return self.predict(images, captions).tolist()
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path) -> Path:
-        with atomic_directory(directory) as tmp:
-            self.write_files(tmp)
-        return Path(directory)
-
     def write_files(self, directory: Path) -> None:
         config = copy.deepcopy(self.config)
         config.encoder = self.encoder.config_for_saving()
