@@ -24,14 +24,24 @@ from vlpt.models.task_model import TASKS
 DEFAULT_RUNS = Path("runs")
 
 
+def run_functions(cfg) -> tuple:
+    """(train-and-evaluate, evaluate) for the run's ``train.task``: contrastive | caption | coca | generate."""
+    from vlpt.train.caption import evaluate_caption_run, is_caption_run, run_caption
+    from vlpt.train.generate import evaluate_generate_run, is_generate_run, run_generate
+    from vlpt.train.run import evaluate_run, run
+
+    if is_caption_run(cfg):  # also rejects an unknown task, listing the choices
+        return run_caption, evaluate_caption_run
+    if is_generate_run(cfg):
+        return run_generate, evaluate_generate_run
+    return run, evaluate_run
+
+
 def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overwrite: bool,
               overrides: list[str]) -> dict:
-    from vlpt.train.caption import is_caption_run, run_caption
-    from vlpt.train.run import run
-
     cfg = load_config(config, overrides)
     run_dir = runs_dir / (name or cfg.name)
-    train_fn = run_caption if is_caption_run(cfg) else run  # train.task: contrastive | caption | coca
+    train_fn, _ = run_functions(cfg)
     metrics = train_fn(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
     if metrics:  # empty on torchrun ranks other than 0, which write nothing
         print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
@@ -77,14 +87,10 @@ def _is_task_run(run_dir: Path) -> bool:
 
 
 def cmd_eval(run_dir: Path) -> dict:
-    from vlpt.train.caption import evaluate_caption_run, is_caption_run
     from vlpt.train.finetune import evaluate_finetune_run
-    from vlpt.train.run import evaluate_run, read_run_config
+    from vlpt.train.run import read_run_config
 
-    if is_caption_run(read_run_config(run_dir)):  # train.task caption | coca
-        evaluate = evaluate_caption_run
-    else:
-        evaluate = evaluate_finetune_run if _is_task_run(run_dir) else evaluate_run
+    evaluate = evaluate_finetune_run if _is_task_run(run_dir) else run_functions(read_run_config(run_dir))[1]
     metrics = evaluate(run_dir, cache_dir=default_cache_dir())
     print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
@@ -217,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
+    p = sub.add_parser("generate", help="draw images from text prompts with a trained generator (train.task generate)")
+    p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a large red circle in the top left"')
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "generate-shapes", help="generator model or run folder")
+    p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (one grid row per prompt)")
+    p.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none, 0: unconditional")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
+    p.add_argument("--scale", type=int, default=4, help="enlarge each image this many times in the grid (nearest)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the grid PNG to write (folders are created)")
+
     p = sub.add_parser("data", help="prepare data: write webdataset shards")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("shards", help="write an image folder (with captions.csv/.jsonl) or shapes/digits as tar shards")
@@ -261,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_caption(args.images, args.model, beam=args.beam, max_length=args.max_length,
                         strategy="sample" if args.sample else None, top_k=args.top_k, top_p=args.top_p,
                         temperature=args.temperature, seed=args.seed)
+        elif args.command == "generate":
+            from vlpt.train.generate import cmd_generate
+
+            cmd_generate(args.prompts, args.model, args.output, num_images=args.num_images, steps=args.steps,
+                         guidance=args.guidance, seed=args.seed, scale=args.scale)
         elif args.command == "data" and args.data_command == "shards":
             from vlpt.data.shards import cmd_data_shards
 

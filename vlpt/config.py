@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "contrastive"  # contrastive | caption | coca (vlpt.train.caption runs the last two)
+    task: str = "contrastive"  # contrastive | caption | coca (vlpt.train.caption) | generate (vlpt.train.generate)
     loss: str = "infonce"  # infonce | siglip | pairwise
     steps: int = 1000
     batch_size: int = 128  # the contrastive batch (per optimizer step, all micro-batches together)
@@ -159,8 +159,22 @@ class GeneratorConfig:
     condition_dropout: float = 0.1  # training: odds of replacing the text with the unconditional embedding (CFG)
     train_timesteps: int = 1000  # DDPM noise levels in training
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule: squaredcos_cap_v2 | linear | scaled_linear
-    prediction_type: str = "epsilon"  # the UNet predicts: epsilon (the noise, DDPM) | v_prediction (Salimans & Ho)
+    prediction_type: str = "v_prediction"  # the UNet predicts: v_prediction (Salimans & Ho) | epsilon (the noise, DDPM)
     freeze_text: bool = True  # lock the dual encoder's text tower; the context projection still trains
+    snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
+
+
+@dataclass
+class GenerateConfig:
+    model: GeneratorConfig = field(default_factory=GeneratorConfig)  # the denoiser (the towers: section model)
+    from_run: str | None = None  # pre-trained dual encoder: its text tower conditions, its image tower scores
+    ema_decay: float = 0.0  # > 0: sample with an exponential moving average of the weights
+    eval_size: int = 270  # held-out prompts generated per guidance scale (shapes: single objects)
+    guidance: tuple[float, ...] = (1.0, 3.0, 5.0)  # classifier-free guidance scales evaluated
+    sampling_steps: int = 30  # DDIM steps per image in the evaluation
+    judge_steps: int = 600  # steps training the independent judge classifier on real images
+    judge_train_size: int = 20000  # real single-object scenes the judge learns from (shapes)
+    grid_prompts: int = 8  # prompts shown in the report's sample grid (4 samples each)
 
 
 @dataclass
@@ -172,6 +186,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 T = TypeVar("T")

@@ -15,9 +15,7 @@ Pure functions over strings; nothing here touches a model except ``clip_score``.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import textwrap
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from matplotlib.figure import Figure
 
 from vlpt.data.digits import DIGIT_WORDS
 from vlpt.data.shapes import COLOR_NAMES, SHAPE_SYNONYMS, Scene
+from vlpt.io import atomic_write
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -208,14 +207,5 @@ def plot_captions(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]
                 spine.set_edgecolor("limegreen" if correct[k] else "red")
                 spine.set_linewidth(4)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:  # written aside and renamed, like the report's other plots
-        fig.savefig(tmp, format="png", dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # written aside and renamed
     return path

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,23 +19,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vlpt.io import atomic_write
+
 RetrievalExample = tuple[str, Sequence[np.ndarray], Sequence[bool]]
 
 # Metric-name tokens whose values are fractions, shown as percentages in report.md.
 _FRACTION_TOKEN = re.compile(r"^(top\d+|r\d+|acc|accuracy|recall|precision|f1|vqa)$")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then atomically rename the temp file over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the final file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _scalar(value):
@@ -61,7 +49,7 @@ def write_metrics(path: str | Path, metrics: Mapping[str, object]) -> Path:
     text = json.dumps({str(k): _json_value(v) for k, v in metrics.items()},
                       sort_keys=True, indent=2, allow_nan=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -81,7 +69,7 @@ def _format_value(key: str, value: object) -> str:
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)  # attach the Agg canvas: rendering without any display
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
 def plot_loss(history: Sequence[Mapping[str, float]], path: Path) -> Path:
@@ -200,5 +188,5 @@ def write_report(
 
     report = run_dir / "report.md"
     text = "\n".join(sections)
-    _atomic_write(report, lambda tmp: tmp.write_text(text))
+    atomic_write(report, lambda tmp: tmp.write_text(text))
     return report

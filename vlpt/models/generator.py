@@ -11,7 +11,7 @@ classifier-free guidance:
 
     eps = eps_uncond + g * (eps_cond - eps_uncond)      g = 0: unconditional, g = 1: conditional only
 
-``GeneratorConfig.prediction_type: v_prediction`` trains the UNet on v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
+``GeneratorConfig.prediction_type: v_prediction`` (the default) trains the UNet on v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
 instead (Salimans & Ho 2022; the same guidance formula applies to v); on tiny models it learns colors far
 faster than epsilon, whose x_0 estimate is ill-conditioned at high noise.
 
@@ -181,7 +181,19 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
         prediction = self.denoise(x_t, t, context, mask)  # (B, 3, H, W)
         target = noise if self.config.prediction_type == "epsilon" else \
             self.train_scheduler.get_velocity(x0, noise, t)  # v = sqrt(a_bar) eps - sqrt(1 - a_bar) x0
-        return F.mse_loss(prediction.float(), target.float())
+        per_image = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if self.config.snr_gamma <= 0:
+            return per_image.mean()
+        return (per_image * self.min_snr_weights(t)).mean()
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) / SNR for epsilon targets and
+        min(SNR, gamma) / (SNR + 1) for v targets, SNR = a_bar / (1 - a_bar): the many easy low-noise
+        steps stop dominating the gradient. (B,) for timesteps t (B,)."""
+        alpha_bar = self.train_scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=self.config.snr_gamma)
+        return clipped / (snr + 1) if self.config.prediction_type == "v_prediction" else clipped / snr
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:

@@ -51,7 +51,7 @@ from vlpt.train.trainer import Trainer, read_log
 
 log = logging.getLogger(__name__)
 CAPTION_TASKS = ("caption", "coca")
-TASKS = ("contrastive", *CAPTION_TASKS)
+TASKS = ("contrastive", *CAPTION_TASKS, "generate")  # every train.task (generate: vlpt.train.generate)
 GRID_NAME = "captions.png"
 
 
