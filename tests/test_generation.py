@@ -13,8 +13,8 @@ from vlpt.cli import main
 from vlpt.data import shapes
 from vlpt.evaluate.generation import (
     SHAPE_ATTRIBUTES,
-    JudgeConfig,
     Judge,
+    JudgeConfig,
     digit_prompt,
     frechet_distance,
     random_shift,

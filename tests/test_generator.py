@@ -201,3 +201,32 @@ def test_tiny_generator_overfits_one_image_color(tmp_path):
     out = model.generate_images(["a red circle"] * 2, num_inference_steps=10, guidance_scale=1.0, progress=False)
     mean = out.float().mean(dim=(0, 1, 2))  # (3,)
     assert (mean - torch.tensor(COLOR, dtype=torch.float)).abs().max() < 20, mean
+
+
+def test_unet_sees_coordinates_and_the_pooled_prompt():
+    """coord_channels: x / y maps join the image (5 input channels); pooled_condition: the masked mean of the
+    context tokens is the UNet's class embedding input (added to the timestep embedding)."""
+    model = make_generator()
+    assert model.unet.conv_in.in_channels == 5
+    seen = {}
+    real_forward = model.unet.forward
+
+    def spy(x, t, encoder_hidden_states=None, encoder_attention_mask=None, class_labels=None):
+        seen["x"], seen["pooled"] = x, class_labels
+        return real_forward(x, t, encoder_hidden_states=encoder_hidden_states,
+                            encoder_attention_mask=encoder_attention_mask, class_labels=class_labels)
+
+    model.unet.forward = spy
+    tokens = model.tokenizer(["a red circle", "a large red circle in the top left"])
+    mask = tokens["attention_mask"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        context = model.encode_context(tokens["input_ids"], mask)
+        model.denoise(x, torch.tensor(10), context, mask)
+    assert torch.equal(seen["x"][:, :3], x)
+    assert torch.equal(seen["x"][0, 3, 0], torch.linspace(-1, 1, 32))  # x grows left -> right
+    assert torch.equal(seen["x"][0, 4, :, 0], torch.linspace(-1, 1, 32))  # y grows top -> bottom
+    short = int(mask[0].sum())
+    torch.testing.assert_close(seen["pooled"][0], context[0, :short].mean(0))  # padding left out
+    plain = make_generator(coord_channels=False, pooled_condition=False)
+    assert plain.unet.conv_in.in_channels == 3 and plain.unet.class_embedding is None

@@ -96,6 +96,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     compile: bool = False  # torch.compile the model for training; falls back to eager (with a warning) if it fails
+    max_seconds: float = 0.0  # > 0: a time budget; training stops (and the model is saved) at the step reached
 
 
 @dataclass
@@ -162,6 +163,8 @@ class GeneratorConfig:
     prediction_type: str = "v_prediction"  # the UNet predicts: v_prediction (Salimans & Ho) | epsilon (the noise, DDPM)
     freeze_text: bool = True  # lock the dual encoder's text tower; the context projection still trains
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
+    pooled_condition: bool = True  # also add the prompt's mean token to the timestep embedding (every ResNet block)
+    coord_channels: bool = True  # feed the UNet x / y coordinate maps with the image, so "top left" has a place
 
 
 @dataclass

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
@@ -64,8 +63,10 @@ def build_unet(config: GeneratorConfig) -> UNet2DConditionModel:
                          f"it does not divide {bad}")
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
+    pooled = dict(class_embed_type="projection", projection_class_embeddings_input_dim=config.cross_attention_dim) \
+        if config.pooled_condition else {}
     return UNet2DConditionModel(
-        sample_size=config.image_size, in_channels=3, out_channels=3,
+        sample_size=config.image_size, in_channels=5 if config.coord_channels else 3, out_channels=3, **pooled,
         block_out_channels=tuple(config.block_channels), layers_per_block=config.layers_per_block,
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=config.cross_attention_dim,
@@ -142,8 +143,27 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's prediction (eps, or v) for (x_t, t, context): (B, 3, H, W)."""
-        return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+        """The UNet's prediction (eps, or v) for (x_t, t, context): (B, 3, H, W).
+
+        With ``coord_channels`` the UNet also sees two coordinate maps (x and y in [-1, 1]): convolutions
+        alone only learn where they are from the zero padding at the borders. With ``pooled_condition``
+        the context's mean token joins the timestep embedding, reaching every ResNet block, including the
+        full-resolution ones that have no cross-attention."""
+        if self.config.coord_channels:
+            B, _, H, W = x.shape
+            ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
+            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x then y
+            x = torch.cat([x, grid.expand(B, -1, -1, -1)], dim=1)  # (B, 5, H, W)
+        pooled = None
+        if self.config.pooled_condition:
+            if mask is None:
+                pooled = context.mean(dim=1)  # (B, X)
+            else:
+                weights = mask.to(context.dtype).unsqueeze(-1)  # (B, L, 1)
+                pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, X)
+        return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask,
+                         class_labels=pooled).sample
 
     def guided_noise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                      guidance_scale: float) -> torch.Tensor:

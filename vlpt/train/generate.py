@@ -149,7 +149,7 @@ def train_generator(config: RunConfig, run_dir: str | Path, resume: bool = False
     start = time.perf_counter()
     trainer.fit(stop_after)
     seconds = time.perf_counter() - start
-    if trainer.step >= config.train.steps:
+    if trainer.step >= config.train.steps or trainer.out_of_time:
         model.save_pretrained(run_dir / "model")
     return model, seconds
 
@@ -293,9 +293,10 @@ def evaluate_generate_run(run_dir: str | Path, model: TextToImageGenerator | Non
     model = model or load_generator(run_dir)
     metrics, figures = evaluate_generator(model, config, cache_dir)
     metrics = {**metrics, **(extra or {})}
-    metrics.setdefault("steps", config.train.steps)
+    rows = read_log(run_dir / "log.jsonl")
+    metrics["steps"] = max((row["step"] for row in rows), default=config.train.steps)  # fewer if out of time
+    history = [row for row in rows if "loss" in row]
     images = write_figures(model, config, figures, run_dir)
-    history = [row for row in read_log(run_dir / "log.jsonl") if "loss" in row]
     write_report(run_dir, metrics, history=history, extra_images=images)
     return metrics
 

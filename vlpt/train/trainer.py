@@ -105,6 +105,7 @@ class Trainer:
             self.optimizer, warmup_cosine(config.warmup_steps, config.steps, min_ratio))
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.out_of_time = False  # fit stopped by config.max_seconds before config.steps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -166,7 +167,14 @@ class Trainer:
         window_images, window_start = 0, time.perf_counter()
         eager_model = self.task.model
         compiling = cfg.compile and self._compile()
+        fit_start = time.perf_counter()
         while self.step < end:
+            if cfg.max_seconds and time.perf_counter() - fit_start >= cfg.max_seconds:
+                self.out_of_time = True  # the time budget: stop here, as if this were the last step
+                log.warning("train.max_seconds (%g s) reached at step %d of %d; stopping", cfg.max_seconds,
+                            self.step, cfg.steps)
+                self._log({"step": self.step, "stopped": "max_seconds"})
+                break
             batch = self.batches.batch(self.step)
             try:
                 parts = self._forward_backward(batch, autocast)
