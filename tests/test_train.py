@@ -96,3 +96,14 @@ def test_warmup_cosine_schedule():
     f = warmup_cosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_time_budget_stops_training_and_saves_the_model(tmp_path):
+    """train.max_seconds: the run stops at the step reached when the budget is spent, logs why, and still
+    writes its final model (a budget is an end, not a crash)."""
+    config = tiny_run_config(steps=50, **{"train.max_seconds": 1e-9})
+    fit(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["stopped"] == "max_seconds" and rows[-1]["step"] < 50
+    assert (tmp_path / "model").exists()
+    load_model(tmp_path)

@@ -219,6 +219,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
             kwargs[key] = from_dict(hint, value, f"{where}.{key}" if where else key)
         elif isinstance(value, list) and "tuple" in str(hint):
             kwargs[key] = tuple(value)
+        elif hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{where + '.' if where else ''}{key}: expected a number, got {value!r}") from None
         else:
             kwargs[key] = value
     return cls(**kwargs)

@@ -188,7 +188,7 @@ def train_captioner(config: RunConfig, run_dir: str | Path, from_run: str | Path
     start = time.perf_counter()
     trainer.fit(stop_after)
     seconds = time.perf_counter() - start
-    if trainer.step >= config.train.steps:
+    if trainer.finished:
         model.save_pretrained(run_dir / "model")
         model.dual_encoder.save_pretrained(run_dir / "dual_encoder")  # usable on its own: vlpt classify / embed
     return model, seconds

@@ -208,7 +208,7 @@ def fit_finetune(config: RunConfig, run_dir: Path, resume: bool = False, cache_d
     start = time.perf_counter()
     trainer.fit(stop_after)
     seconds = time.perf_counter() - start
-    if trainer.step >= config.train.steps:
+    if trainer.finished:
         model.save_pretrained(run_dir / "model")
     return model, seconds
 

@@ -149,7 +149,7 @@ def train_generator(config: RunConfig, run_dir: str | Path, resume: bool = False
     start = time.perf_counter()
     trainer.fit(stop_after)
     seconds = time.perf_counter() - start
-    if trainer.step >= config.train.steps or trainer.out_of_time:
+    if trainer.finished:
         model.save_pretrained(run_dir / "model")
     return model, seconds
 

@@ -141,7 +141,7 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
     seconds = time.perf_counter() - start
     if hasattr(batches, "close"):  # shards: stop the stream's DataLoader workers
         batches.close()
-    if trainer.step >= config.train.steps and env.rank == 0:
+    if trainer.finished and env.rank == 0:
         model.save_pretrained(run_dir / "model")
     return model, seconds
 

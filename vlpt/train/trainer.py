@@ -87,6 +87,9 @@ class Trainer:
             raise ValueError(f"unknown accum_mode {config.accum_mode!r}; choose from plain, gradcache")
         if config.batch_size % config.accum_steps:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}")
+        if config.max_seconds and world_size > 1:
+            raise ValueError("train.max_seconds works in single-process runs only: under torchrun each rank would "
+                             "stop at its own step and the others would wait for it forever")
         self.task, self.batches, self.config = task, batches, config
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -106,6 +109,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.out_of_time = False  # fit stopped by config.max_seconds before config.steps
+
+    @property
+    def finished(self) -> bool:
+        """Trained to config.steps, or stopped by the config.max_seconds budget: time to save the model."""
+        return self.step >= self.config.steps or self.out_of_time
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
