@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlpt.config import RunConfig, save_config
-from vlpt.data.pairs import PairBatches
+from vlpt.config import RunConfig
 from vlpt.evaluate.captioning import (
     attribute_accuracy,
     caption_scores,
@@ -42,12 +41,11 @@ from vlpt.evaluate.suite import load_split
 from vlpt.factory import create_model, find_model_dir, get_tokenizer, load_model
 from vlpt.models.captioner import MODEL_TYPE, Captioner, load_captioner
 from vlpt.models.decoding import DecodingConfig
-from vlpt.models.dual_encoder import CONFIG_NAME, TOKENIZER_DIR, DualEncoder
+from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder
 from vlpt.tokenization import Tokenizer
-from vlpt.train.checkpoint import latest_checkpoint
-from vlpt.train.run import CONFIG_FILE, load_train_data, read_run_config, run
+from vlpt.train.run import fit_on_pairs, read_run_config, run
 from vlpt.train.tasks import ContrastiveTask
-from vlpt.train.trainer import Trainer, read_log
+from vlpt.train.trainer import read_log
 
 log = logging.getLogger(__name__)
 CAPTION_TASKS = ("caption", "coca")
@@ -169,25 +167,9 @@ def train_captioner(config: RunConfig, run_dir: str | Path, from_run: str | Path
     config = copy.deepcopy(config)  # the caller's config is left as it was
     if from_run is not None:
         config.caption.from_run = str(from_run)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    images, captions, labels = load_train_data(config, cache_dir)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    tokenizer = None
-    if checkpoint is not None and not config.caption.from_run:  # the vocabulary the checkpoint was trained with
-        tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
-    model = build_captioner(config, corpus=[c for caps in captions for c in caps], tokenizer=tokenizer)
-    config.model = model.dual_encoder.config  # config.yaml records the towers actually used (from_run, vocab)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
-    batches = PairBatches(images, captions, model.tokenizer, config.train.batch_size, config.train.seed,
-                          labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
-    trainer = Trainer(make_task(config, model), batches, config.train, run_dir, save_model=model)
-    if resume and not trainer.resume():
-        log.info("no checkpoint in %s; starting from step 0", run_dir)
-    start = time.perf_counter()
-    trainer.fit(stop_after)
-    seconds = time.perf_counter() - start
+    model, seconds, trainer = fit_on_pairs(
+        config, run_dir, lambda cfg, corpus, tok: build_captioner(cfg, corpus=corpus, tokenizer=tok), make_task,
+        config.caption.from_run, resume, cache_dir, stop_after, group_size=2 if config.data.twins else 1)
     if trainer.finished:
         model.save_pretrained(run_dir / "model")
         model.dual_encoder.save_pretrained(run_dir / "dual_encoder")  # usable on its own: vlpt classify / embed

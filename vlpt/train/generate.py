@@ -28,10 +28,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vlpt.config import RunConfig, save_config
+from vlpt.config import RunConfig
 from vlpt.data import shapes
 from vlpt.data.digits import DigitsConfig, DigitsDataset
-from vlpt.data.pairs import PairBatches
 from vlpt.evaluate.captioning import clip_score
 from vlpt.evaluate.generation import (
     DIGIT_ATTRIBUTES,
@@ -49,15 +48,13 @@ from vlpt.evaluate.report import write_report
 from vlpt.evaluate.suite import load_split
 from vlpt.factory import create_model, get_tokenizer
 from vlpt.io import atomic_write
-from vlpt.models.dual_encoder import TOKENIZER_DIR
 from vlpt.models.generator import TextToImageGenerator, load_generator
 from vlpt.tokenization import Tokenizer
 from vlpt.train.caption import (
     load_dual_encoder,  # a captioner's folder also gives its dual encoder
 )
-from vlpt.train.checkpoint import latest_checkpoint
-from vlpt.train.run import CONFIG_FILE, load_train_data, read_run_config, run
-from vlpt.train.trainer import Trainer, read_log
+from vlpt.train.run import fit_on_pairs, read_run_config, run
+from vlpt.train.trainer import read_log
 
 log = logging.getLogger(__name__)
 SAMPLES_NAME = "samples.png"
@@ -129,26 +126,10 @@ def train_generator(config: RunConfig, run_dir: str | Path, resume: bool = False
     run_dir = Path(run_dir)
     check_generate_config(config)
     config = copy.deepcopy(config)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    images, captions, labels = load_train_data(config, cache_dir)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    tokenizer = None
-    if checkpoint is not None and not config.generate.from_run:  # the vocabulary the checkpoint was trained with
-        tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
-    model = build_generator(config, corpus=[c for caps in captions for c in caps], tokenizer=tokenizer)
-    config.model = model.dual_encoder.config  # config.yaml records the towers actually used
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
-    batches = PairBatches(images, captions, model.tokenizer, config.train.batch_size, config.train.seed,
-                          labels=labels, augment=config.data.augment)
-    trainer = Trainer(GenerateTask(model, seed=config.train.seed), batches, config.train, run_dir,
-                      save_model=model)
-    if resume and not trainer.resume():
-        log.info("no checkpoint in %s; starting from step 0", run_dir)
-    start = time.perf_counter()
-    trainer.fit(stop_after)
-    seconds = time.perf_counter() - start
+    model, seconds, trainer = fit_on_pairs(
+        config, run_dir, lambda cfg, corpus, tok: build_generator(cfg, corpus=corpus, tokenizer=tok),
+        lambda cfg, model: GenerateTask(model, seed=cfg.train.seed), config.generate.from_run, resume,
+        cache_dir, stop_after)
     if trainer.finished:
         model.save_pretrained(run_dir / "model")
     return model, seconds

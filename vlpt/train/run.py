@@ -86,6 +86,33 @@ def train_batches(config: RunConfig, data: tuple | None, tokenizer: Tokenizer, r
     return RankSlice(batches, rank, world_size) if world_size > 1 else batches
 
 
+def fit_on_pairs(config: RunConfig, run_dir: Path, build, make_task, encoder_from_run: str | None,
+                 resume: bool = False, cache_dir=None, stop_after: int | None = None, group_size: int = 1):
+    """The training body shared by models built on a dual encoder (captioner, generator): load the pairs,
+    build the model (``build(config, corpus, tokenizer)``; on resume without ``encoder_from_run`` with the
+    checkpoint's vocabulary), record the towers in config.yaml, train with ``make_task(config, model)``.
+    Returns (model, train_seconds, trainer); the caller saves the final model when ``trainer.finished``."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    images, captions, labels = load_train_data(config, cache_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    tokenizer = None
+    if checkpoint is not None and not encoder_from_run:  # the vocabulary the checkpoint was trained with
+        tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
+    model = build(config, [c for caps in captions for c in caps], tokenizer)
+    config.model = model.dual_encoder.config  # config.yaml records the towers actually used (from_run, vocab)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    batches = PairBatches(images, captions, model.tokenizer, config.train.batch_size, config.train.seed,
+                          labels=labels, augment=config.data.augment, group_size=group_size)
+    trainer = Trainer(make_task(config, model), batches, config.train, run_dir, save_model=model)
+    if resume and not trainer.resume():
+        log.info("no checkpoint in %s; starting from step 0", run_dir)
+    start = time.perf_counter()
+    trainer.fit(stop_after)
+    return model, time.perf_counter() - start, trainer
+
+
 def quick_eval_fn(config: RunConfig, cache_dir=None):
     """A cheap periodic check: 48-way zero-shot on 200 single-object validation scenes (shapes only)."""
     if config.data.dataset != "shapes":
