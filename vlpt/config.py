@@ -171,7 +171,6 @@ class GeneratorConfig:
 class GenerateConfig:
     model: GeneratorConfig = field(default_factory=GeneratorConfig)  # the denoiser (the towers: section model)
     from_run: str | None = None  # pre-trained dual encoder: its text tower conditions, its image tower scores
-    ema_decay: float = 0.0  # > 0: sample with an exponential moving average of the weights
     eval_size: int = 270  # held-out prompts generated per guidance scale (shapes: single objects)
     guidance: tuple[float, ...] = (1.0, 3.0, 5.0)  # classifier-free guidance scales evaluated
     sampling_steps: int = 30  # DDIM steps per image in the evaluation

@@ -174,8 +174,8 @@ def generate_in_chunks(model: TextToImageGenerator, prompts: Sequence[str], guid
     return np.concatenate(parts)
 
 
-def evaluate_generator(model: TextToImageGenerator, config: RunConfig, cache_dir=None,
-                       scored_by_pretrained: bool | None = None) -> tuple[dict[str, float], dict]:
+def evaluate_generator(model: TextToImageGenerator, config: RunConfig, cache_dir=None
+                       ) -> tuple[dict[str, float], dict]:
     """Generate the held-out prompts at every guidance scale; judge, CLIP-score and Fréchet distance each.
 
     Returns flat metrics (``judge_<attribute>_acc_g<scale>``, ``clip_score_g<scale>``,
@@ -193,8 +193,7 @@ def evaluate_generator(model: TextToImageGenerator, config: RunConfig, cache_dir
     for name, value in judge.accuracy(evalset["real"], real_labels).items():
         metrics[f"judge_real_{name}_acc"] = value  # the judge's ceiling: real held-out images
     dual = model.dual_encoder
-    if scored_by_pretrained is None:
-        scored_by_pretrained = bool(gen.from_run)
+    scored_by_pretrained = bool(gen.from_run)  # a CLIP-score needs a trained dual encoder
     real_features = tower_features(dual, evalset["real"])
     # The floor: real test images against as many other real images (sampling noise alone).
     other_real = evalset["judge_images"][: len(evalset["real"])]
