@@ -230,3 +230,32 @@ def test_unet_sees_coordinates_and_the_pooled_prompt():
     torch.testing.assert_close(seen["pooled"][0], context[0, :short].mean(0))  # padding left out
     plain = make_generator(coord_channels=False, pooled_condition=False)
     assert plain.unet.conv_in.in_channels == 3 and plain.unet.class_embedding is None
+
+
+def test_spatial_condition_stacks_a_prompt_map_with_the_pixels():
+    """spatial_condition S: the pooled prompt -> MLP -> (K, S, S) map, enlarged to the image, joins the
+    UNet input after the coordinate maps; different prompts give different maps, the same prompt the same."""
+    model = make_generator(spatial_condition=4, spatial_channels=3)
+    assert model.unet.conv_in.in_channels == 3 + 2 + 3
+    seen = {}
+    real_forward = model.unet.forward
+
+    def spy(x, t, **kwargs):
+        seen["x"] = x
+        return real_forward(x, t, **kwargs)
+
+    model.unet.forward = spy
+    tokens = model.tokenizer(["a red circle", "a large red circle in the top left", "a red circle"])
+    mask = tokens["attention_mask"]
+    with torch.no_grad():
+        context = model.encode_context(tokens["input_ids"], mask)
+        out = model.denoise(torch.randn(3, 3, 32, 32), torch.tensor(10), context, mask)
+        pooled = (context[0, :int(mask[0].sum())]).mean(0)
+        expected = model.spatial_proj(pooled).view(1, 3, 4, 4)
+    assert out.shape == (3, 3, 32, 32)
+    prompt_map = seen["x"][:, 5:]  # (3, K, 32, 32)
+    torch.testing.assert_close(prompt_map[:1], torch.nn.functional.interpolate(expected, size=(32, 32),
+                                                                               mode="bilinear"))
+    assert torch.equal(prompt_map[0], prompt_map[2]) and not torch.allclose(prompt_map[0], prompt_map[1])
+    with pytest.raises(ValueError, match="spatial_condition"):
+        make_generator(spatial_condition=-1)

@@ -165,6 +165,8 @@ class GeneratorConfig:
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
     pooled_condition: bool = True  # also add the prompt's mean token to the timestep embedding (every ResNet block)
     coord_channels: bool = True  # feed the UNet x / y coordinate maps with the image, so "top left" has a place
+    spatial_condition: int = 0  # > 0: the pooled prompt also becomes a (spatial_channels, S, S) map at the input, S this
+    spatial_channels: int = 8  # channels of that prompt map (spatial_condition > 0 only)
 
 
 @dataclass

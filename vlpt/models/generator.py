@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
@@ -66,13 +67,18 @@ def build_unet(config: GeneratorConfig) -> UNet2DConditionModel:
     pooled = dict(class_embed_type="projection", projection_class_embeddings_input_dim=config.cross_attention_dim) \
         if config.pooled_condition else {}
     return UNet2DConditionModel(
-        sample_size=config.image_size, in_channels=5 if config.coord_channels else 3, out_channels=3, **pooled,
+        sample_size=config.image_size, in_channels=input_channels(config), out_channels=3, **pooled,
         block_out_channels=tuple(config.block_channels), layers_per_block=config.layers_per_block,
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=config.heads,  # diffusers' legacy name: it is the number of heads here
         norm_num_groups=config.norm_groups,
     )
+
+
+def input_channels(config: GeneratorConfig) -> int:
+    """The UNet's input: the noisy image, plus x / y maps (coord_channels), plus the prompt map (spatial_condition)."""
+    return 3 + 2 * config.coord_channels + (config.spatial_channels if config.spatial_condition > 0 else 0)
 
 
 def images_to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -116,6 +122,12 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
         X = config.cross_attention_dim
         self.context_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, X))  # (B, L, C) -> (B, L, X)
         self.null_context = nn.Parameter(torch.randn(1, 1, X) * 0.02)  # the unconditional "prompt"
+        if config.spatial_condition < 0 or (config.spatial_condition and config.spatial_channels < 1):
+            raise ValueError(f"spatial_condition must be >= 0 and spatial_channels >= 1, got "
+                             f"{config.spatial_condition} and {config.spatial_channels}")
+        S, K = config.spatial_condition, config.spatial_channels
+        # The prompt as a coarse (K, S, S) map next to the pixels: where things go, from the first layer on.
+        self.spatial_proj = nn.Sequential(nn.Linear(X, 4 * X), nn.SiLU(), nn.Linear(4 * X, K * S * S)) if S else None
         self.unet = build_unet(config)
         self.train_scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps,
                                              beta_schedule=config.beta_schedule,
@@ -148,22 +160,29 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
         With ``coord_channels`` the UNet also sees two coordinate maps (x and y in [-1, 1]): convolutions
         alone only learn where they are from the zero padding at the borders. With ``pooled_condition``
         the context's mean token joins the timestep embedding, reaching every ResNet block, including the
-        full-resolution ones that have no cross-attention."""
+        full-resolution ones that have no cross-attention. With ``spatial_condition`` S the pooled
+        prompt also goes through an MLP to a (K, S, S) map, enlarged to the image and stacked with it: a
+        direct path from "top left" to the pixels there, which cross-attention from noisy-image queries
+        is slow to learn."""
+        B, _, H, W = x.shape
+        inputs = [x]
         if self.config.coord_channels:
-            B, _, H, W = x.shape
             ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
             xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
             grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x then y
-            x = torch.cat([x, grid.expand(B, -1, -1, -1)], dim=1)  # (B, 5, H, W)
-        pooled = None
-        if self.config.pooled_condition:
-            if mask is None:
-                pooled = context.mean(dim=1)  # (B, X)
-            else:
-                weights = mask.to(context.dtype).unsqueeze(-1)  # (B, L, 1)
-                pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, X)
+            inputs.append(grid.expand(B, -1, -1, -1))  # (B, 2, H, W)
+        if mask is None:
+            pooled = context.mean(dim=1)  # (B, X)
+        else:
+            weights = mask.to(context.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, X)
+        if self.spatial_proj is not None:
+            S = self.config.spatial_condition
+            prompt_map = self.spatial_proj(pooled).view(B, -1, S, S)  # (B, K, S, S)
+            inputs.append(F.interpolate(prompt_map, size=(H, W), mode="bilinear", align_corners=False))
+        x = torch.cat(inputs, dim=1) if len(inputs) > 1 else x  # (B, input_channels, H, W)
         return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask,
-                         class_labels=pooled).sample
+                         class_labels=pooled if self.config.pooled_condition else None).sample
 
     def guided_noise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                      guidance_scale: float) -> torch.Tensor:
