@@ -92,9 +92,9 @@ def main() -> None:
         m = bench_generator("generate-shapes", encoder, runs_dir, args.threads, args.quick)
         for key in SHAPES_KEYS:
             figures[key] = m[key]
-            for g in (1, 3, 5):
-                if f"{key}_g{g}" in m:
-                    figures[f"{key}_g{g}"] = m[f"{key}_g{g}"]
+            for g in load_config("generate-shapes").generate.guidance:
+                if f"{key}_g{g:g}" in m:
+                    figures[f"{key}_g{g:g}"] = m[f"{key}_g{g:g}"]
         figures.update(best_guidance=m["best_guidance"], train_seconds=m["train_seconds"],
                        clip_score_real=m["clip_score_real"], frechet_distance_real=m["frechet_distance_real"],
                        judge_train_seconds=m["judge_train_seconds"], shapes_wall_seconds=m["wall_seconds"],
