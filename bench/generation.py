@@ -2,7 +2,7 @@
 
 Shapes (config generate-shapes): a small diffusers UNet at 32 px learns single-object scenes, conditioned on
 the frozen text tower of a tiny-shapes dual encoder (`--shapes-run`, or one is trained here first: ~8 min).
-Held-out prompts ("a large red circle in the top left", from test scenes) are generated at guidance 1 (none),
+Held-out prompts ("a large red circle in the top left", from test scenes) are generated at guidance 1 (none), 1.5,
 3 and 5 with 30 DDIM steps. A separate CNN judge, trained only on real single-object scenes of another data
 seed, reads color / shape / size / position of each generated image; the dual encoder gives the CLIP-score,
 its image tower the features of the Fréchet distance to real test images.
