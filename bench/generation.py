@@ -63,6 +63,7 @@ def bench_generator(config_name: str, encoder: Path, runs_dir: Path, threads: in
     metrics = run_generate(config, run_dir, overwrite=True, cache_dir=default_cache_dir())
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["run_dir"] = str(run_dir)
+    metrics["guidance"] = [f"{g:g}" for g in config.generate.guidance]  # the _g<scale> suffixes it reported
     return metrics
 
 
@@ -92,9 +93,9 @@ def main() -> None:
         m = bench_generator("generate-shapes", encoder, runs_dir, args.threads, args.quick)
         for key in SHAPES_KEYS:
             figures[key] = m[key]
-            for g in load_config("generate-shapes").generate.guidance:
-                if f"{key}_g{g:g}" in m:
-                    figures[f"{key}_g{g:g}"] = m[f"{key}_g{g:g}"]
+            for g in m["guidance"]:
+                if f"{key}_g{g}" in m:
+                    figures[f"{key}_g{g}"] = m[f"{key}_g{g}"]
         figures.update(best_guidance=m["best_guidance"], train_seconds=m["train_seconds"],
                        clip_score_real=m["clip_score_real"], frechet_distance_real=m["frechet_distance_real"],
                        judge_train_seconds=m["judge_train_seconds"], shapes_wall_seconds=m["wall_seconds"],
@@ -109,7 +110,7 @@ def main() -> None:
         encoder = dual_encoder_run("lit-digits", args.digits_run, runs_dir, args.threads, args.quick)
         m = bench_generator("generate-digits", encoder, runs_dir, args.threads, args.quick)
         figures["digits_judge_acc"] = m["judge_digit_acc"]
-        for g in (1, 3, 5):
+        for g in m["guidance"]:
             figures[f"digits_judge_acc_g{g}"] = m[f"judge_digit_acc_g{g}"]
         figures.update(digits_best_guidance=m["best_guidance"], digits_train_seconds=m["train_seconds"],
                        digits_clip_score=m["clip_score"], digits_frechet_distance=m["frechet_distance"],
