@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 
-from tests.conftest import tiny_run_config
+from tests.conftest import tiny_model_config, tiny_run_config
 from vlpt.config import ImageTowerConfig, TextTowerConfig
+from vlpt.models import dual_encoder
+from vlpt.models.dual_encoder import DualEncoder
 from vlpt.models.image_towers import ImageTower
 from vlpt.models.text_towers import MIN_GROUP_ROWS, TextTower, length_groups
 from vlpt.train.run import fit
@@ -93,8 +95,9 @@ def test_text_tower_length_groups_equal_the_padded_batch(pool):
     mask = (torch.arange(width)[None] < lengths[:, None]).long()  # (64, L)
     ids = torch.randint(5, 100, (64, width), generator=g) * mask
     assert length_groups(lengths.tolist()) is not None  # the grouped path really runs
-    assert_same_outputs_and_grads(tower, lambda: tower.forward_pooled(ids, mask),
-                                  lambda: tower.forward_features(ids, mask)[1])
+    for chunk_tokens in (0, 40):  # 40: every length group also runs in forwards of about 40 tokens
+        assert_same_outputs_and_grads(tower, lambda: tower.forward_pooled(ids, mask, chunk_tokens),
+                                      lambda: tower.forward_features(ids, mask)[1])
 
 
 def test_left_padded_batches_take_the_plain_path():
@@ -119,7 +122,10 @@ VIT_RUN = {"model.image.name": "vit_tiny_patch16_224", "model.image.pool": "timm
 
 def plain_paths(monkeypatch):
     monkeypatch.setattr(ImageTower, "forward_pooled", lambda self, images: self.forward_features(images)[1])
-    monkeypatch.setattr(TextTower, "forward_pooled", lambda self, ids, mask: self.forward_features(ids, mask)[1])
+    monkeypatch.setattr(TextTower, "forward_pooled",
+                        lambda self, ids, mask, chunk_tokens=0: self.forward_features(ids, mask)[1])
+    monkeypatch.setattr(dual_encoder, "CPU_ENCODE_CHUNK", 0)  # models built now encode in one forward
+    monkeypatch.setattr(dual_encoder, "CPU_ENCODE_TEXT_TOKENS", 0)
 
 
 def test_fast_paths_train_the_same_loss_curve(tmp_path, monkeypatch):
@@ -190,3 +196,45 @@ def test_compiled_training_follows_the_eager_loss_curve(tmp_path):
     fit(config, tmp_path / "eager")
     fit(tiny_run_config(steps=3, **VIT_RUN, **{"train.compile": True}), tmp_path / "compiled")
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- chunked CPU encoding
+
+@pytest.mark.parametrize("image", ["resnet-tiny", "vit"])
+def test_chunked_encode_image_equals_one_forward(image):
+    config = tiny_model_config()
+    if image == "vit":
+        config.image.name, config.image.pool, config.image.timm_kwargs = "vit_tiny_patch16_224", "timm", TINY_VIT
+    torch.manual_seed(0)
+    model = DualEncoder(config).eval()
+    images = torch.randint(0, 256, (11, 32, 32, 3), dtype=torch.uint8)
+    model.encode_chunk_size = 4  # 11 images: chunks of 4, 4 and 3
+    assert_same_outputs_and_grads(model, lambda: model.encode_image(images), lambda: unchunked(model, images))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode_image(images), unchunked(model, images), atol=1e-5, rtol=1e-4)
+    # In train mode a ResNet's BatchNorm needs the whole batch: no chunks (the same output as chunk size 0).
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), unchunked(model, images), atol=0, rtol=0)
+
+
+def test_chunked_encode_text_equals_one_forward():
+    torch.manual_seed(0)
+    model = DualEncoder(tiny_model_config(vocab_size=100)).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 17, (40,), generator=g)
+    mask = (torch.arange(16)[None] < lengths[:, None]).long()  # (40, 16), right-padded
+    tokens = {"input_ids": torch.randint(5, 100, (40, 16), generator=g) * mask, "attention_mask": mask}
+    model.encode_chunk_tokens = 20  # a 16-token group runs one row per forward, a 4-token group 5
+    with torch.inference_mode():
+        chunked = model.encode_text(tokens)
+        model.encode_chunk_tokens = 0
+        torch.testing.assert_close(chunked, model.encode_text(tokens), atol=1e-5, rtol=1e-4)
+
+
+def unchunked(model, images):
+    size, model.encode_chunk_size = model.encode_chunk_size, 0
+    try:
+        return model.encode_image(images)
+    finally:
+        model.encode_chunk_size = size

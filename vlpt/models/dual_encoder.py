@@ -22,6 +22,10 @@ from vlpt.models.text_towers import TextTower
 from vlpt.tokenization import Tokenizer
 
 CONFIG_NAME = "config.json"
+# Images per forward, and tokens per text forward, when encoding large batches on the CPU: activations
+# that size stay in the cores' caches (bench/inference.py: ~30% faster than one 256-row forward).
+CPU_ENCODE_CHUNK = 32
+CPU_ENCODE_TEXT_TOKENS = 2048  # as many tokens as 32 images of a 64 px, patch 8 ViT
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
@@ -51,6 +55,8 @@ class DualEncoder(SavesPretrained, nn.Module):
         if config.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         self.text_cache: dict[bytes, torch.Tensor] | None = None  # see enable_text_cache
+        self.encode_chunk_size = CPU_ENCODE_CHUNK  # see encode_image; 0: one forward per batch
+        self.encode_chunk_tokens = CPU_ENCODE_TEXT_TOKENS  # see encode_text; 0: one forward per length group
         self.lock_towers(image=config.image.locked, text=config.text.locked)
 
     # ------------------------------------------------------------------ locking (LiT)
@@ -82,7 +88,16 @@ class DualEncoder(SavesPretrained, nn.Module):
 
     # ------------------------------------------------------------------ encoding
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """images: uint8 (B, H, W, 3) / (B, 3, H, W), or float normalised as by ``image_transform``."""
+        """images: uint8 (B, H, W, 3) / (B, 3, H, W), or float normalised as by ``image_transform``.
+
+        On the CPU, with the image tower in eval mode (a locked tower always is), a batch larger than
+        ``encode_chunk_size`` is encoded in chunks of that size: the same features (and gradients, if
+        any), computed with the activations in cache. In train mode BatchNorm needs the whole batch."""
+        chunk = self.encode_chunk_size
+        if chunk and images.shape[0] > chunk and images.device.type == "cpu" \
+                and not self.image_tower.training:
+            return torch.cat([self.encode_image(images[i:i + chunk], normalize)
+                              for i in range(0, images.shape[0], chunk)])
         pooled = self.image_tower.forward_pooled(images)  # (B, C)
         features = self.image_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
@@ -94,19 +109,24 @@ class DualEncoder(SavesPretrained, nn.Module):
 
     def encode_text(self, text: str | Sequence[str] | dict[str, torch.Tensor], normalize: bool = True
                     ) -> torch.Tensor:
-        """text: strings (tokenised here) or {"input_ids", "attention_mask"} tensors."""
+        """text: strings (tokenised here) or {"input_ids", "attention_mask"} tensors.
+
+        On the CPU, with the text tower in eval mode, captions of similar length are encoded in forwards of
+        about ``encode_chunk_tokens`` tokens (see ``TextTower.forward_pooled``): the same features."""
         tokens = text if isinstance(text, dict) else self.tokenize(text)
         device = self.logit_scale.device
         input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        chunk = self.encode_chunk_tokens if device.type == "cpu" and not self.text_tower.training else 0
         if self.text_cache is None:
-            pooled = self.text_tower.forward_pooled(input_ids, attention_mask)  # (B, C)
+            pooled = self.text_tower.forward_pooled(input_ids, attention_mask, chunk)  # (B, C)
         else:
-            pooled = self._cached_text_pooled(input_ids, attention_mask)
+            pooled = self._cached_text_pooled(input_ids, attention_mask, chunk)
         features = self.text_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
     @torch.no_grad()
-    def _cached_text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _cached_text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 0
+                            ) -> torch.Tensor:
         lengths = attention_mask.sum(1).tolist()
         keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(input_ids, lengths)]
         new = [k for k in dict.fromkeys(keys) if k not in self.text_cache]
@@ -115,7 +135,7 @@ class DualEncoder(SavesPretrained, nn.Module):
             for i, k in enumerate(keys):
                 first.setdefault(k, i)
             rows = torch.tensor([first[k] for k in new])
-            pooled = self.text_tower.forward_pooled(input_ids[rows], attention_mask[rows])  # (U, C)
+            pooled = self.text_tower.forward_pooled(input_ids[rows], attention_mask[rows], chunk_tokens)  # (U, C)
             if len(self.text_cache) + len(new) > self.text_cache_limit:
                 self.text_cache.clear()
             self.text_cache.update(zip(new, pooled))

@@ -115,23 +115,35 @@ class TextTower(nn.Module):
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return tokens, pooled
 
-    def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 0
+                       ) -> torch.Tensor:
         """Only the pooled vector (B, C), equal to ``forward_features(...)[1]``: what ``encode_text`` needs.
 
         A batch padded to its longest caption runs as a few groups of similar length (``length_groups``),
         each trimmed to its own longest caption, so short captions are not computed at the longest
-        one's length. Rows never interact in an encoder, so the result is the same; under
-        ``torch.compile`` the plain path runs (the grouping depends on the data)."""
-        if torch.compiler.is_compiling() or input_ids.shape[0] < 2 * MIN_GROUP_ROWS:
+        one's length; ``chunk_tokens`` > 0 then runs each group in forwards of about that many tokens
+        (activations that stay in cache: ``DualEncoder.encode_text`` asks for it on the CPU in eval mode).
+        Rows never interact in an encoder, so the result is the same; under ``torch.compile`` the plain
+        path runs (the grouping depends on the data)."""
+        def pooled_rows(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            rows = max(1, chunk_tokens // ids.shape[1]) if chunk_tokens else ids.shape[0]
+            if ids.shape[0] <= rows:
+                return self.forward_features(ids, mask)[1]
+            return torch.cat([self.forward_features(ids[i:i + rows], mask[i:i + rows])[1]
+                              for i in range(0, ids.shape[0], rows)])
+
+        if torch.compiler.is_compiling():
             return self.forward_features(input_ids, attention_mask)[1]
+        if input_ids.shape[0] < 2 * MIN_GROUP_ROWS:
+            return pooled_rows(input_ids, attention_mask)
         right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())  # trimming keeps every token
         groups = length_groups(attention_mask.sum(1).tolist()) if right_padded else None
         if groups is None:
-            return self.forward_features(input_ids, attention_mask)[1]
+            return pooled_rows(input_ids, attention_mask)
         pooled, order = [], []
         for rows, length in groups:
             index = torch.tensor(rows, device=input_ids.device)
-            pooled.append(self.forward_features(input_ids[index, :length], attention_mask[index, :length])[1])
+            pooled.append(pooled_rows(input_ids[index, :length], attention_mask[index, :length]))
             order.extend(rows)
         inverse = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
         inverse[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
