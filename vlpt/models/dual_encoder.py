@@ -18,7 +18,7 @@ from torch import nn
 from vlpt.config import ModelConfig, from_dict, to_dict
 from vlpt.io import atomic_directory
 from vlpt.models.image_towers import ImageTower
-from vlpt.models.text_towers import TextTower
+from vlpt.models.text_towers import TextTower, in_row_chunks
 from vlpt.tokenization import Tokenizer
 
 CONFIG_NAME = "config.json"
@@ -93,14 +93,16 @@ class DualEncoder(SavesPretrained, nn.Module):
         On the CPU, with the image tower in eval mode (a locked tower always is), a batch larger than
         ``encode_chunk_size`` is encoded in chunks of that size: the same features (and gradients, if
         any), computed with the activations in cache. In train mode BatchNorm needs the whole batch."""
-        chunk = self.encode_chunk_size
-        if chunk and images.shape[0] > chunk and images.device.type == "cpu" \
-                and not self.image_tower.training:
-            return torch.cat([self.encode_image(images[i:i + chunk], normalize)
-                              for i in range(0, images.shape[0], chunk)])
-        pooled = self.image_tower.forward_pooled(images)  # (B, C)
+        chunk = self.encode_chunk_size if self._chunks_pay(self.image_tower, images.device) else 0
+        pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images)  # (B, C)
         features = self.image_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
+
+    @staticmethod
+    def _chunks_pay(tower: nn.Module, device: torch.device) -> bool:
+        """Cache-sized chunks: on the CPU (GPUs want big batches), in eval mode (BatchNorm in train mode
+        needs the whole batch)."""
+        return device.type == "cpu" and not tower.training
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
@@ -116,7 +118,7 @@ class DualEncoder(SavesPretrained, nn.Module):
         tokens = text if isinstance(text, dict) else self.tokenize(text)
         device = self.logit_scale.device
         input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        chunk = self.encode_chunk_tokens if device.type == "cpu" and not self.text_tower.training else 0
+        chunk = self.encode_chunk_tokens if self._chunks_pay(self.text_tower, device) else 0
         if self.text_cache is None:
             pooled = self.text_tower.forward_pooled(input_ids, attention_mask, chunk)  # (B, C)
         else:

@@ -68,6 +68,15 @@ def length_groups(lengths: list[int], max_groups: int = LENGTH_GROUPS, min_rows:
     return groups[::-1]
 
 
+def in_row_chunks(forward, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``forward(*tensors)`` computed ``rows`` rows at a time and concatenated (rows <= 0: one call); for
+    per-row computations, whose result does not depend on how the batch is split."""
+    n = tensors[0].shape[0]
+    if rows <= 0 or n <= rows:
+        return forward(*tensors)
+    return torch.cat([forward(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)])
+
+
 def build_hf_config(config: TextTowerConfig) -> PretrainedConfig:
     if config.hf_config is not None:  # a saved vlpt model: rebuild the exact architecture offline
         data = dict(config.hf_config)
@@ -126,11 +135,8 @@ class TextTower(nn.Module):
         Rows never interact in an encoder, so the result is the same; under ``torch.compile`` the plain
         path runs (the grouping depends on the data)."""
         def pooled_rows(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            rows = max(1, chunk_tokens // ids.shape[1]) if chunk_tokens else ids.shape[0]
-            if ids.shape[0] <= rows:
-                return self.forward_features(ids, mask)[1]
-            return torch.cat([self.forward_features(ids[i:i + rows], mask[i:i + rows])[1]
-                              for i in range(0, ids.shape[0], rows)])
+            rows = max(1, chunk_tokens // ids.shape[1]) if chunk_tokens else 0
+            return in_row_chunks(lambda i, m: self.forward_features(i, m)[1], rows, ids, mask)
 
         if torch.compiler.is_compiling():
             return self.forward_features(input_ids, attention_mask)[1]
