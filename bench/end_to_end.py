@@ -27,15 +27,20 @@ OpenCLIP: its own training data code, ``open_clip_train.data.get_csv_dataset`` (
 per item, every epoch) and ``get_wds_dataset``, with the ``args`` of ``open_clip_train.params`` (batch,
 ``--workers``, ``--train-num-samples``), the training transform ``open_clip.image_transform(64,
 is_train=True)`` (RandomResizedCrop scale 0.9-1.0, bicubic; to tensor; normalise) and its tokenizer
-(``SimpleTokenizer``, 49,408-token BPE, padded to the model's context, 32, as ``open_clip.get_tokenizer``
+(``SimpleTokenizer``, 49,408-token BPE, padded to the model's context, as ``open_clip.get_tokenizer``
 does for a model with that context). ``open_clip_train.data`` imports pandas only for ``pd.read_csv`` in
 ``CsvDataset``; if pandas is not installed, a stand-in ``read_csv`` (Python's csv module, same columns)
 is put in its place before the import, and the config says so (``openclip_compat``). OpenCLIP's training
 extra pins webdataset <= 0.2.86; with webdataset 1.x its ``group_by_keys_nothrow`` fails on the end-of-shard
 marker 1.x yields, so ``tar_file_expander`` is called with ``eof_value=None`` (0.2.x behaviour; also recorded).
 
+Text context (``--contexts``, default 77 then 32): 77 is the context of every OpenCLIP model config, what
+its users train with (its tokenizer pads every caption to it; vlpt trims each batch to its longest caption,
+as ``train_throughput.py``'s captions setting); 32 is the fixed-shape benchmark's context, where padding
+costs OpenCLIP little. The first context gives the unsuffixed keys, the others ``*_ctx<N>``.
+
 Model shape and training step: bench/train_throughput.py's ViT (64 px, patch 8, width 256, 4 layers;
-text context 32, width 256, 4 layers; embedding 256), built with its helpers (``build_vlpt``,
+text width 256, 4 layers; embedding 256), built with its helpers (``build_vlpt``,
 ``build_openclip``), and its per-library step (forward, InfoNCE, backward, AdamW as each trainer builds
 it, zero_grad; no clipping). vlpt's text tower has its WordPiece vocabulary trained on the captions;
 OpenCLIP's has the 49,408 entries its tokenizer needs. The same batch, threads and number of steps
@@ -58,7 +63,7 @@ The image files are in the OS page cache (just written), as on a machine that ha
 disk speed is not measured.
 
     .venv/bin/python bench/end_to_end.py [--threads 2] [--size 2048] [--batch 128] [--epochs 2]
-                                         [--repeats 2] [--workers 0 1] [--augment] [--quick]
+                                         [--repeats 2] [--workers 0 1] [--contexts 77 32] [--augment] [--quick]
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ from train_throughput import (
 
 log = logging.getLogger("end_to_end")
 
-CONTEXT = 32  # the text context of both models (train_throughput's fixed-shape setting)
+CONTEXTS = [77, 32]  # 77: every OpenCLIP model's context, what its users train with; 32: the fixed-shape bench's
 
 
 # ----------------------------------------------------------------------------- data on disk
@@ -301,6 +306,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
                         help="DataLoader worker counts to try for vlpt shards and OpenCLIP (default 0 1)")
     parser.add_argument("--shard-size", type=int, default=None, help="samples per shard (default size // 8)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS,
+                        help="text contexts to measure; the first gives the unsuffixed keys (default 77 32)")
     parser.add_argument("--augment", action="store_true", help="also run vlpt files with data.augment=true")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 256 images, batch 32, 1 round; writes end_to_end-quick.json")
@@ -322,9 +329,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    import open_clip
-
     oc_data, openclip_compat = import_openclip_data()
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         log.info("writing %d images (%d px PNG), captions and %d shards to %s", args.size, args.stored_size,
@@ -332,53 +338,92 @@ def main() -> None:
         start = time.perf_counter()
         captions, facts = write_data(root, args.size, args.stored_size, args.shard_size)
         log.info("written in %.1f s", time.perf_counter() - start)
+        for i, context in enumerate(args.contexts):
+            log.info("text context %d", context)
+            figures, best_workers, vocab = measure(args, root, captions, context, oc_data)
+            suffix = "" if i == 0 else f"_ctx{context}"
+            results.update({k + suffix: v for k, v in figures.items()})
+            results.setdefault("best_workers", {})[context] = best_workers
+            results.setdefault("vocab", vocab)
 
-        tokenizer = open_clip.SimpleTokenizer(context_length=CONTEXT)
-        preprocess = open_clip.image_transform(IMAGE_SIZE, is_train=True)
-        vlpt_model = build_vlpt("vit", CONTEXT, captions)
-        oc_model = build_openclip("vit", CONTEXT, tokenizer.vocab_size)
-        step = vlpt_loss_step()
-        vlpt = Library("vlpt", vlpt_model, vlpt_optimizer(vlpt_model), step,
-                       lambda b: (b["images"], {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}))
-        oc = Library("openclip", oc_model, openclip_optimizer(oc_model), openclip_loss_step(), lambda b: b)
-        # warm-up: two untimed steps each on a synthetic batch, so no run pays first-step setup
-        warm_tokens = vlpt_model.tokenizer(captions[:args.batch])
-        warm_vlpt = {"images": torch.randint(0, 256, (args.batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8),
-                     **warm_tokens}
-        warm_oc = (torch.randn(args.batch, 3, IMAGE_SIZE, IMAGE_SIZE), tokenizer(captions[:args.batch]))
-        for _ in range(2):
-            vlpt.step(warm_vlpt)
-            oc.step(warm_oc)
+    config = {
+        "quick": args.quick, "threads": args.threads, "size": args.size, "stored_size": args.stored_size,
+        "model_image_size": IMAGE_SIZE, "contexts": args.contexts,
+        "context_keys": f"unsuffixed keys: context {args.contexts[0]}; others suffixed _ctx<N>",
+        "batch": args.batch, "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch, "repeats": args.repeats, "workers": args.workers,
+        "shard_size": args.shard_size, "shards": facts["shards"], "png_mb": round(facts["png_mb"], 2),
+        "best_workers": results.pop("best_workers"),
+        "statistic": "median over rounds; rounds alternate vlpt and OpenCLIP settings, order reversed every round",
+        "clock": "files on disk -> last optimizer step; model and tokenizer building outside; page cache warm",
+        "data": "shapes-world train scenes, PNG, one caption per image",
+        "vlpt_data_path": "vlpt.train.run.load_train_data + train_batches (files: FilesDataset decode once, "
+                          "PairBatches from memory, each batch trimmed to its longest caption; shards: ShardReader "
+                          "with data.num_workers, ShardBatches)",
+        "vlpt_augment": "none (data.augment=false, its default)" + ("; vlpt_files_augment: data.augment=true"
+                                                                     if args.augment else ""),
+        "openclip_data_path": "open_clip_train.data.get_csv_dataset / get_wds_dataset with open_clip_train.params "
+                              "defaults; image_transform(64, is_train=True); SimpleTokenizer(context_length=<context>)"
+                              ", which pads every caption to the context",
+        "openclip_compat": openclip_compat,
+        "step": "train_throughput.py's: forward + InfoNCE + backward + AdamW (each trainer's) + zero_grad; no clip",
+        "vocab": results.pop("vocab"),
+        "open_clip_torch": metadata.version("open_clip_torch"), "webdataset": metadata.version("webdataset"),
+        "pillow": metadata.version("pillow"),
+    }
+    write_results("end_to_end-quick" if args.quick else "end_to_end", results, config)
 
-        # a setting runs with a library: its training step, or (data only) none
-        settings_vlpt: dict[str, Callable[[bool], Run]] = {
-            "vlpt_files": lambda train: run_vlpt(vlpt if train else data_vlpt, "files", root, args, 0)}
-        if args.augment:
-            settings_vlpt["vlpt_files_augment"] = lambda train: run_vlpt(vlpt if train else data_vlpt, "files", root,
-                                                                         args, 0, augment=True)
-        settings_oc: dict[str, Callable[[bool], Run]] = {}
-        for w in args.workers:
-            settings_vlpt[f"vlpt_shards_w{w}"] = lambda train, w=w: run_vlpt(vlpt if train else data_vlpt, "shards",
-                                                                             root, args, w)
-            for kind in ("csv", "wds"):
-                settings_oc[f"openclip_{kind}_w{w}"] = lambda train, w=w, kind=kind: run_openclip(
-                    oc if train else data_oc, kind, root, args, w, oc_data, preprocess, tokenizer)
-        data_vlpt = Library("vlpt", vlpt_model, None, None, vlpt.to_input)
-        data_oc = Library("openclip", oc_model, None, None, oc.to_input)
-        order = [s for pair in zip_longest(settings_vlpt, settings_oc) for s in pair if s is not None]
-        settings = {**settings_vlpt, **settings_oc}
-        runs: dict[str, list[Run]] = {name: [] for name in order}
-        data_only: dict[str, list[Run]] = {name: [] for name in order}
-        for r in range(args.repeats):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                gc.collect()
-                run = settings[name](True)
-                runs[name].append(run)
-                gc.collect()
-                data_only[name].append(settings[name](False))
-                log.info("round %d  %-22s %7.1f images/s  (epochs end at %s s; %.0f%% in steps)  data only: %.0f "
-                         "images/s", r + 1, name, run.images_per_s(), ", ".join(f"{t:.1f}" for t in run.epoch_ends),
-                         100 * run.compute / run.epoch_ends[-1], data_only[name][-1].images_per_s())
+
+def measure(args, root: Path, captions: list[str], context: int, oc_data) -> tuple[dict, dict, dict]:
+    """Every setting at one text context, in alternating rounds. Returns (figures, best worker counts, vocab)."""
+    import open_clip
+
+    tokenizer = open_clip.SimpleTokenizer(context_length=context)
+    preprocess = open_clip.image_transform(IMAGE_SIZE, is_train=True)
+    vlpt_model = build_vlpt("vit", context, captions)
+    oc_model = build_openclip("vit", context, tokenizer.vocab_size)
+    step = vlpt_loss_step()
+    vlpt = Library("vlpt", vlpt_model, vlpt_optimizer(vlpt_model), step,
+                   lambda b: (b["images"], {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}))
+    oc = Library("openclip", oc_model, openclip_optimizer(oc_model), openclip_loss_step(), lambda b: b)
+    # warm-up: two untimed steps each on a synthetic batch, so no run pays first-step setup
+    warm_tokens = vlpt_model.tokenizer(captions[:args.batch])
+    warm_vlpt = {"images": torch.randint(0, 256, (args.batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8),
+                 **warm_tokens}
+    warm_oc = (torch.randn(args.batch, 3, IMAGE_SIZE, IMAGE_SIZE), tokenizer(captions[:args.batch]))
+    for _ in range(2):
+        vlpt.step(warm_vlpt)
+        oc.step(warm_oc)
+
+    # a setting runs with a library: its training step, or (data only) none
+    settings_vlpt: dict[str, Callable[[bool], Run]] = {
+        "vlpt_files": lambda train: run_vlpt(vlpt if train else data_vlpt, "files", root, args, 0)}
+    if args.augment:
+        settings_vlpt["vlpt_files_augment"] = lambda train: run_vlpt(vlpt if train else data_vlpt, "files", root,
+                                                                     args, 0, augment=True)
+    settings_oc: dict[str, Callable[[bool], Run]] = {}
+    for w in args.workers:
+        settings_vlpt[f"vlpt_shards_w{w}"] = lambda train, w=w: run_vlpt(vlpt if train else data_vlpt, "shards",
+                                                                         root, args, w)
+        for kind in ("csv", "wds"):
+            settings_oc[f"openclip_{kind}_w{w}"] = lambda train, w=w, kind=kind: run_openclip(
+                oc if train else data_oc, kind, root, args, w, oc_data, preprocess, tokenizer)
+    data_vlpt = Library("vlpt", vlpt_model, None, None, vlpt.to_input)
+    data_oc = Library("openclip", oc_model, None, None, oc.to_input)
+    order = [s for pair in zip_longest(settings_vlpt, settings_oc) for s in pair if s is not None]
+    settings = {**settings_vlpt, **settings_oc}
+    runs: dict[str, list[Run]] = {name: [] for name in order}
+    data_only: dict[str, list[Run]] = {name: [] for name in order}
+    for r in range(args.repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            gc.collect()
+            run = settings[name](True)
+            runs[name].append(run)
+            gc.collect()
+            data_only[name].append(settings[name](False))
+            log.info("round %d  %-22s %7.1f images/s  (epochs end at %s s; %.0f%% in steps)  data only: %.0f "
+                     "images/s", r + 1, name, run.images_per_s(), ", ".join(f"{t:.1f}" for t in run.epoch_ends),
+                     100 * run.compute / run.epoch_ends[-1], data_only[name][-1].images_per_s())
 
     figures = summarise(runs, data_only, args)
     oc_csv, oc_csv_w = best(figures, "openclip_csv", args.workers)
@@ -395,29 +440,9 @@ def main() -> None:
         "openclip_csv_images_per_s_best": oc_csv,
         "openclip_wds_images_per_s_best": oc_wds,
     }
-    figures = {**head, **figures}
-    config = {
-        "quick": args.quick, "threads": args.threads, "size": args.size, "stored_size": args.stored_size,
-        "model_image_size": IMAGE_SIZE, "context": CONTEXT, "batch": args.batch, "epochs": args.epochs,
-        "steps_per_epoch": args.steps_per_epoch, "repeats": args.repeats, "workers": args.workers,
-        "shard_size": args.shard_size, "shards": facts["shards"], "png_mb": round(facts["png_mb"], 2),
-        "best_workers": {"vlpt_shards": vlpt_shards_w, "openclip_csv": oc_csv_w, "openclip_wds": oc_wds_w},
-        "statistic": "median over rounds; rounds alternate vlpt and OpenCLIP settings, order reversed every round",
-        "clock": "files on disk -> last optimizer step; model and tokenizer building outside; page cache warm",
-        "data": "shapes-world train scenes, PNG, one caption per image",
-        "vlpt_data_path": "vlpt.train.run.load_train_data + train_batches (files: FilesDataset decode once, "
-                          "PairBatches from memory; shards: ShardReader with data.num_workers, ShardBatches)",
-        "vlpt_augment": "none (data.augment=false, its default)" + ("; vlpt_files_augment: data.augment=true"
-                                                                     if args.augment else ""),
-        "openclip_data_path": "open_clip_train.data.get_csv_dataset / get_wds_dataset with open_clip_train.params "
-                              "defaults; image_transform(64, is_train=True); SimpleTokenizer(context_length=32)",
-        "openclip_compat": openclip_compat,
-        "step": "train_throughput.py's: forward + InfoNCE + backward + AdamW (each trainer's) + zero_grad; no clip",
-        "vocab": {"vlpt": vlpt_model.tokenizer.vocab_size, "openclip": tokenizer.vocab_size},
-        "open_clip_torch": metadata.version("open_clip_torch"), "webdataset": metadata.version("webdataset"),
-        "pillow": metadata.version("pillow"),
-    }
-    write_results("end_to_end-quick" if args.quick else "end_to_end", figures, config)
+    best_workers = {"vlpt_shards": vlpt_shards_w, "openclip_csv": oc_csv_w, "openclip_wds": oc_wds_w}
+    vocab = {"vlpt": vlpt_model.tokenizer.vocab_size, "openclip": tokenizer.vocab_size}
+    return {**head, **figures}, best_workers, vocab
 
 
 if __name__ == "__main__":
