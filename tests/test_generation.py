@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tests.test_generator import make_generator
@@ -60,6 +61,42 @@ def test_min_snr_weights_follow_the_formula():
     images = torch.full((2, 32, 32, 3), 128, dtype=torch.uint8)
     loss = model.training_loss(images, tokens["input_ids"], tokens["attention_mask"], torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_detail_weights_follow_the_formula_and_weight_the_loss():
+    model = make_generator(detail_weight=10.0)
+    flat = torch.zeros(2, 3, 16, 16)
+    torch.testing.assert_close(model.detail_weights(flat), torch.ones(2, 1, 16, 16))
+    x0 = torch.full((1, 3, 16, 16), -1.0)
+    x0[:, :, 5:10, 5:10] = 1.0  # a 5x5 square on a flat background
+    weights = model.detail_weights(x0)
+    box = F.avg_pool2d(x0, 5, stride=1, padding=2, count_include_pad=False)
+    contrast = (x0 - box).abs().sum(1, keepdim=True)
+    expected = 1 + 10.0 * contrast / contrast.mean()
+    torch.testing.assert_close(weights, expected / expected.mean())
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[0, 0, 5, 5] > 5 * weights[0, 0, 0, 0]  # the square's corner outweighs the far background
+    # the loss is the weighted MSE, against the formula with the same draws (no condition dropout)
+    model = make_generator(detail_weight=10.0, condition_dropout=0.0)
+    tokens = model.tokenizer(["a red circle"])
+    images = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    images[:, 10:20, 10:20] = 255
+    loss = model.training_loss(images, tokens["input_ids"], tokens["attention_mask"], torch.Generator().manual_seed(0))
+    draws = torch.Generator().manual_seed(0)
+    x0 = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=draws)
+    t = torch.randint(0, model.config.train_timesteps, (1,), generator=draws)
+    with torch.no_grad():
+        x_t = model.train_scheduler.add_noise(x0, noise, t)
+        v = model.denoise(x_t, t, model.encode_context(tokens["input_ids"], tokens["attention_mask"]),
+                          tokens["attention_mask"])
+        target = model.train_scheduler.get_velocity(x0, noise, t)
+        expected_loss = ((v - target).pow(2) * model.detail_weights(x0)).mean()
+        plain_loss = (v - target).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=1e-5, atol=1e-7)
+    assert not torch.isclose(expected_loss, plain_loss)
+    with pytest.raises(ValueError, match="detail_weight"):
+        make_generator(detail_weight=-1.0)
 
 
 def test_prompts_and_resizing():

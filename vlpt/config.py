@@ -163,6 +163,7 @@ class GeneratorConfig:
     prediction_type: str = "v_prediction"  # the UNet predicts: v_prediction (Salimans & Ho) | epsilon (the noise, DDPM)
     freeze_text: bool = True  # lock the dual encoder's text tower; the context projection still trains
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
+    detail_weight: float = 0.0  # > 0: pixels weighted 1 + this x their local contrast in x0 (object edges); 0: plain
     pooled_condition: bool = True  # also add the prompt's mean token to the timestep embedding (every ResNet block)
     coord_channels: bool = True  # feed the UNet x / y coordinate maps with the image, so "top left" has a place
     spatial_condition: int = 0  # > 0: the pooled prompt also becomes a (spatial_channels, S, S) map at the input, S this
