@@ -331,6 +331,7 @@ def main() -> None:
 
     oc_data, openclip_compat = import_openclip_data()
     results: dict = {}
+    best_workers: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         log.info("writing %d images (%d px PNG), captions and %d shards to %s", args.size, args.stored_size,
@@ -340,11 +341,9 @@ def main() -> None:
         log.info("written in %.1f s", time.perf_counter() - start)
         for i, context in enumerate(args.contexts):
             log.info("text context %d", context)
-            figures, best_workers, vocab = measure(args, root, captions, context, oc_data)
+            figures, best_workers[context], vocab = measure(args, root, captions, context, oc_data)
             suffix = "" if i == 0 else f"_ctx{context}"
             results.update({k + suffix: v for k, v in figures.items()})
-            results.setdefault("best_workers", {})[context] = best_workers
-            results.setdefault("vocab", vocab)
 
     config = {
         "quick": args.quick, "threads": args.threads, "size": args.size, "stored_size": args.stored_size,
@@ -353,7 +352,7 @@ def main() -> None:
         "batch": args.batch, "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch, "repeats": args.repeats, "workers": args.workers,
         "shard_size": args.shard_size, "shards": facts["shards"], "png_mb": round(facts["png_mb"], 2),
-        "best_workers": results.pop("best_workers"),
+        "best_workers": best_workers,
         "statistic": "median over rounds; rounds alternate vlpt and OpenCLIP settings, order reversed every round",
         "clock": "files on disk -> last optimizer step; model and tokenizer building outside; page cache warm",
         "data": "shapes-world train scenes, PNG, one caption per image",
@@ -367,7 +366,7 @@ def main() -> None:
                               ", which pads every caption to the context",
         "openclip_compat": openclip_compat,
         "step": "train_throughput.py's: forward + InfoNCE + backward + AdamW (each trainer's) + zero_grad; no clip",
-        "vocab": results.pop("vocab"),
+        "vocab": vocab,
         "open_clip_torch": metadata.version("open_clip_torch"), "webdataset": metadata.version("webdataset"),
         "pillow": metadata.version("pillow"),
     }

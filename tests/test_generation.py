@@ -24,7 +24,7 @@ from vlpt.evaluate.generation import (
     shapes_prompt,
     train_judge,
 )
-from vlpt.models.generator import load_generator
+from vlpt.models.generator import images_to_pixels, load_generator
 from vlpt.train.generate import image_grid
 
 # ----------------------------------------------------------------------------- metrics
@@ -83,7 +83,7 @@ def test_detail_weights_follow_the_formula_and_weight_the_loss():
     images[:, 10:20, 10:20] = 255
     loss = model.training_loss(images, tokens["input_ids"], tokens["attention_mask"], torch.Generator().manual_seed(0))
     draws = torch.Generator().manual_seed(0)
-    x0 = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = images_to_pixels(images)
     noise = torch.randn(x0.shape, generator=draws)
     t = torch.randint(0, model.config.train_timesteps, (1,), generator=draws)
     with torch.no_grad():
