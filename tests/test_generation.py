@@ -211,6 +211,7 @@ def test_generate_command_writes_a_grid(generator_run, tmp_path, capsys):
     (["--steps", "0"], "--steps"),
     (["--guidance", "-1"], "--guidance"),
     (["-n", "0"], "-n"),
+    (["--eta", "2"], "--eta"),
 ])
 def test_generate_command_rejects_bad_input_and_keeps_the_old_file(generator_run, tmp_path, capsys, change, message):
     out = tmp_path / "out.png"
@@ -238,3 +239,7 @@ def test_generate_run_rejects_mismatched_sizes_and_missing_encoder(tmp_path, cap
             "--set", f"generate.from_run={tmp_path / 'nowhere'}", "--set", "data.train_size=16"]
     assert main(args) == 2
     assert "vlpt demo" in capsys.readouterr().err
+    args = ["train", "--config", "generate-shapes", "--runs-dir", str(tmp_path), "--set", "generate.sampling_eta=1.5"]
+    assert main(args) == 2
+    assert "generate.sampling_eta" in capsys.readouterr().err
+    assert not (tmp_path / "generate-shapes").exists()  # refused before a run folder is made

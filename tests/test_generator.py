@@ -133,6 +133,20 @@ def test_same_seed_same_images_different_seed_different(generator):
     assert many.shape == (3, 32, 32, 3)
 
 
+def test_ancestral_sampling_is_seeded_and_adds_noise(generator):
+    prompts = ["a red circle", "a blue square"]
+    options = dict(num_inference_steps=4, progress=False, seed=3)
+    ddim = generator.generate_images(prompts, **options)
+    a = generator.generate_images(prompts, eta=1.0, **options)
+    b = generator.generate_images(prompts, eta=1.0, **options)
+    c = generator.generate_images(prompts, eta=1.0, **{**options, "seed": 4})
+    assert torch.equal(a, b)  # the seed also draws the per-step noise
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, ddim)  # same initial noise, but fresh noise at each step
+    # eta 0 through the keyword is the deterministic DDIM path itself
+    assert torch.equal(generator.generate_images(prompts, eta=0.0, **options), ddim)
+
+
 @pytest.mark.parametrize("prompts, options, message", [
     ("", {}, "empty"),
     ("   ", {}, "empty"),
@@ -143,6 +157,9 @@ def test_same_seed_same_images_different_seed_different(generator):
     ("a red circle", {"guidance_scale": -1.0}, "guidance_scale"),
     ("a red circle", {"guidance_scale": float("nan")}, "guidance_scale"),
     ("a red circle", {"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ("a red circle", {"eta": -0.1}, "eta"),
+    ("a red circle", {"eta": 1.5}, "eta"),
+    ("a red circle", {"eta": float("nan")}, "eta"),
 ])
 def test_bad_sampling_inputs_are_rejected(generator, prompts, options, message):
     with pytest.raises(ValueError, match=message):

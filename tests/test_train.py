@@ -7,9 +7,13 @@ import torch
 from tests.conftest import tiny_run_config
 from vlpt.data.pairs import PairBatches
 from vlpt.factory import create_model, load_model
-from vlpt.train.checkpoint import latest_checkpoint, list_checkpoints
+from vlpt.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+)
 from vlpt.train.run import RunExistsError, fit, run
-from vlpt.train.trainer import warmup_cosine
+from vlpt.train.trainer import WeightAverage, warmup_cosine
 
 
 def losses(run_dir):
@@ -107,3 +111,43 @@ def test_time_budget_stops_training_and_saves_the_model(tmp_path):
     assert rows[-1]["stopped"] == "max_seconds" and rows[-1]["step"] < 50
     assert (tmp_path / "model").exists()
     load_model(tmp_path)
+
+
+def test_weight_average_follows_its_formula():
+    trained, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    average = WeightAverage(torch.nn.Sequential(trained, frozen), decay=0.9)
+    assert set(average.average) == {"0.weight", "0.bias"}  # trainable parameters only
+    expected = trained.weight.detach().clone()
+    for step in range(5):
+        with torch.no_grad():
+            trained.weight.add_(1.0)  # stands in for an optimizer step
+        average.update(step)
+        decay = min(0.9, (1 + step) / (10 + step))  # warm-up, then the set decay
+        expected = decay * expected + (1 - decay) * trained.weight.detach()
+    torch.testing.assert_close(average.average["0.weight"], expected)
+    average.copy_to_model()
+    torch.testing.assert_close(trained.weight.detach(), expected)
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            WeightAverage(trained, bad)
+
+
+def test_weight_average_is_the_final_model_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    config = tiny_run_config(steps=6, **{"train.ema_decay": 0.8})
+    fit(config, tmp_path / "full")
+    final_checkpoint = latest_checkpoint(tmp_path / "full" / "checkpoints")
+    average = load_trainer_state(final_checkpoint)["weight_average"]
+    trained = load_file(str(final_checkpoint / "model.safetensors"))  # the checkpoint keeps the raw weights
+    final = load_model(tmp_path / "full").state_dict()
+    for name, value in average.items():
+        torch.testing.assert_close(final[name], value)  # the saved model is the average
+    assert any(not torch.equal(trained[name], value) for name, value in average.items())
+    # Interrupted after step 4 and resumed: the average continues exactly.
+    fit(config, tmp_path / "cut", stop_after=4)
+    fit(config, tmp_path / "cut", resume=True)
+    resumed = load_model(tmp_path / "cut").state_dict()
+    for name in average:
+        torch.testing.assert_close(resumed[name], final[name], atol=1e-6, rtol=1e-6)

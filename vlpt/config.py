@@ -97,6 +97,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     compile: bool = False  # torch.compile the model for training; falls back to eager (with a warning) if it fails
     max_seconds: float = 0.0  # > 0: a time budget; training stops (and the model is saved) at the step reached
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; the final model is the average
 
 
 @dataclass
@@ -177,6 +178,7 @@ class GenerateConfig:
     eval_size: int = 270  # held-out prompts generated per guidance scale (shapes: single objects)
     guidance: tuple[float, ...] = (1.0, 3.0, 5.0)  # classifier-free guidance scales evaluated
     sampling_steps: int = 30  # DDIM steps per image in the evaluation
+    sampling_eta: float = 0.0  # DDIM eta in the evaluation: 0 deterministic, 1 ancestral (fresh noise each step)
     judge_steps: int = 600  # steps training the independent judge classifier on real images
     judge_train_size: int = 20000  # real single-object scenes the judge learns from (shapes)
     grid_prompts: int = 8  # prompts shown in the report's sample grid (4 samples each)

@@ -6,10 +6,12 @@
 Training (DDPM, Ho et al. 2020): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps with a random t,
 loss = MSE(eps_theta(x_t, t, c), eps). Condition dropout (Ho & Salimans 2022) replaces c with a learned
 unconditional embedding with probability ``condition_dropout``, so one network learns both
-eps(x_t, c) and eps(x_t, null). Sampling (DDIM, eta = 0, deterministic given the initial noise) uses
-classifier-free guidance:
+eps(x_t, c) and eps(x_t, null). Sampling (DDIM, Song et al. 2021) uses classifier-free guidance:
 
     eps = eps_uncond + g * (eps_cond - eps_uncond)      g = 0: unconditional, g = 1: conditional only
+
+DDIM's ``eta`` sets how much fresh noise each step adds: 0 is deterministic given the initial noise, 1 is
+ancestral (DDPM-like) sampling. Either way the seed fixes the images.
 
 ``GeneratorConfig.prediction_type: v_prediction`` (the default) trains the UNet on v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
 instead (Salimans & Ho 2022; the same guidance formula applies to v); on tiny models it learns colors far
@@ -255,7 +257,7 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def sampling_scheduler(self) -> DDIMScheduler:
-        """A fresh DDIM scheduler (eta = 0) over the training noise schedule."""
+        """A fresh DDIM scheduler over the training noise schedule (eta is given per step)."""
         return DDIMScheduler(num_train_timesteps=self.config.train_timesteps, beta_schedule=self.config.beta_schedule,
                              prediction_type=self.config.prediction_type, clip_sample=True, set_alpha_to_one=True,
                              timestep_spacing="trailing")
@@ -263,10 +265,11 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
     @torch.inference_mode()
     def generate_images(self, prompts: str | Sequence[str], num_inference_steps: int = 30,
                         guidance_scale: float = 3.0, seed: int = 0, progress: bool = True,
-                        num_images_per_prompt: int = 1) -> torch.Tensor:
+                        num_images_per_prompt: int = 1, eta: float = 0.0) -> torch.Tensor:
         """uint8 images (N, H, W, 3), N = len(prompts) * num_images_per_prompt (each prompt's images together).
 
-        DDIM with classifier-free guidance; the same seed gives the same images."""
+        DDIM with classifier-free guidance; ``eta`` in [0, 1] is the fresh noise per step (0: deterministic
+        DDIM, 1: ancestral). The seed draws the initial and the per-step noise: the same seed, the same images."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -287,6 +290,8 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
             raise ValueError(f"guidance_scale must be >= 0 (0: unconditional, 1: no guidance), got {guidance_scale}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if not 0.0 <= eta <= 1.0:  # also rejects NaN
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         tokens = self.tokenizer(prompts)
         was_training = self.training
@@ -301,7 +306,7 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
             scheduler.set_timesteps(int(num_inference_steps), device=self.device)
             for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
                 eps = self.guided_noise(x, t, context, mask, float(guidance_scale))
-                x = scheduler.step(eps, t, x, eta=0.0).prev_sample  # (N, 3, H, W)
+                x = scheduler.step(eps, t, x, eta=float(eta), generator=noise_gen).prev_sample  # (N, 3, H, W)
             return pixels_to_images(x)
         finally:
             self.train(was_training)

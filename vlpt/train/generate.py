@@ -118,6 +118,9 @@ def check_generate_config(config: RunConfig) -> None:
         raise ValueError("generator runs are single-process for now; run them without torchrun")
     if any(not g >= 0 for g in config.generate.guidance):
         raise ValueError(f"generate.guidance scales must be >= 0, got {list(config.generate.guidance)}")
+    if not 0 <= config.generate.sampling_eta <= 1:
+        raise ValueError(f"generate.sampling_eta must be in [0, 1] (0: DDIM, 1: ancestral), "
+                         f"got {config.generate.sampling_eta}")
 
 
 def train_generator(config: RunConfig, run_dir: str | Path, resume: bool = False, cache_dir=None,
@@ -166,10 +169,10 @@ def evaluation_set(config: RunConfig, cache_dir=None) -> dict:
 
 
 def generate_in_chunks(model: TextToImageGenerator, prompts: Sequence[str], guidance: float, steps: int,
-                       seed: int, chunk: int = 128) -> np.ndarray:
+                       seed: int, chunk: int = 128, eta: float = 0.0) -> np.ndarray:
     """uint8 (N, H, W, 3) for N prompts, ``chunk`` prompts per sampling batch, each chunk its own seed."""
     parts = [model.generate_images(list(prompts[start:start + chunk]), num_inference_steps=steps,
-                                   guidance_scale=guidance, seed=seed + start, progress=False).numpy()
+                                   guidance_scale=guidance, seed=seed + start, progress=False, eta=eta).numpy()
              for start in range(0, len(prompts), chunk)]
     return np.concatenate(parts)
 
@@ -204,7 +207,8 @@ def evaluate_generator(model: TextToImageGenerator, config: RunConfig, cache_dir
     for g in gen.guidance:
         suffix = f"_g{g:g}"
         start = time.perf_counter()
-        images = generate_in_chunks(model, prompts, g, gen.sampling_steps, seed=config.train.seed)
+        images = generate_in_chunks(model, prompts, g, gen.sampling_steps, seed=config.train.seed,
+                                    eta=gen.sampling_eta)
         metrics[f"seconds_per_image{suffix}"] = (time.perf_counter() - start) / len(prompts)
         accuracy = judge.accuracy(images, evalset["labels"])
         for name, value in accuracy.items():
@@ -254,7 +258,7 @@ def write_figures(model: TextToImageGenerator, config: RunConfig, figures: dict,
     prompts = figures["prompts"][:k]
     best = figures["best"]
     grid = model.generate_images(prompts, num_inference_steps=gen.sampling_steps, guidance_scale=best,
-                                 seed=config.train.seed, progress=False,
+                                 seed=config.train.seed, progress=False, eta=gen.sampling_eta,
                                  num_images_per_prompt=SAMPLES_PER_PROMPT).numpy()
     samples = plot_samples([grid[i * SAMPLES_PER_PROMPT:(i + 1) * SAMPLES_PER_PROMPT] for i in range(k)], prompts,
                            run_dir / SAMPLES_NAME)
@@ -305,8 +309,8 @@ def image_grid(images: np.ndarray, columns: int, scale: int = 1) -> Image.Image:
 
 def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_images: int = 8, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, columns: int | None = None, scale: int = 4,
-                 progress: bool = True) -> Path:
-    """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] -o out.png``: a grid PNG of samples,
+                 progress: bool = True, eta: float = 0.0) -> Path:
+    """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] [--eta 1] -o out.png``: a grid PNG of samples,
     ``num_images`` per prompt, one row per prompt (or ``columns`` per row). Bad options fail before the
     model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never half-written."""
     prompts = list(prompts)
@@ -318,6 +322,8 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if not guidance >= 0:
         raise ValueError(f"--guidance must be >= 0 (0: unconditional, 1: no guidance), got {guidance}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta}")
     if scale < 1 or (columns is not None and columns < 1):
         raise ValueError("--scale and --columns must be at least 1")
     output = Path(output)
@@ -327,7 +333,7 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
         raise ValueError(f"the output {output} is a folder; give a file name ending in .png")
     model = load_generator(model_dir)
     images = model.generate_images(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                   progress=progress, num_images_per_prompt=num_images).numpy()
+                                   progress=progress, num_images_per_prompt=num_images, eta=eta).numpy()
     grid = image_grid(images, columns or num_images, scale)
     atomic_write(output, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {output} ({len(images)} images, {len(prompts)} prompt(s), guidance {guidance:g}, seed {seed})")

@@ -1,5 +1,6 @@
 """A model-agnostic trainer: AdamW, warm-up + cosine schedule, clipping, accumulation, autocast on
-CUDA, progress bar, JSONL metrics, atomic checkpoints and exact resume."""
+CUDA, an optional moving average of the weights (EMA), progress bar, JSONL metrics, atomic checkpoints
+and exact resume."""
 
 from __future__ import annotations
 
@@ -63,6 +64,49 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -
     return factor
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay after ``step`` updates: (1 + step) / (10 + step), capped at ``decay`` (the warm-up of
+    timm's and diffusers' EMA): early averages forget the random initialisation within a few steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable parameters: avg <- d * avg + (1 - d) * param
+    after every optimizer step (Polyak averaging; the weights diffusion models are sampled with)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"train.ema_decay must be in (0, 1) (0 turns the average off), got {decay}")
+        self.decay = decay
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.average = {name: p.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold the current weights in, ``step`` being the number of optimizer steps taken before this one."""
+        weight = 1 - ema_decay_at(step, self.decay)
+        for name, p in self.params.items():
+            if self.average[name].device != p.device:  # the model moved (fit puts it on its device)
+                self.average[name] = self.average[name].to(p.device)
+            self.average[name].lerp_(p.detach(), weight)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().cpu().clone() for name, t in self.average.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.average) - set(state)
+        if missing:
+            raise ValueError(f"the checkpoint's weight average lacks {len(missing)} parameters, e.g. "
+                             f"{sorted(missing)[0]}; was it saved with another model?")
+        for name, t in self.average.items():
+            t.copy_(state[name])
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, norms, temperature and embeddings' 1-d params are left alone."""
     decay, no_decay = [], []
@@ -106,6 +150,7 @@ class Trainer:
         min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.warmup_steps, config.steps, min_ratio))
+        self.weight_average = WeightAverage(self.save_model, config.ema_decay) if config.ema_decay else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.out_of_time = False  # fit stopped by config.max_seconds before config.steps
@@ -122,6 +167,8 @@ class Trainer:
         generator = getattr(self.task, "generator", None)
         if generator is not None:
             state["task_rng"] = generator.get_state()
+        if self.weight_average is not None:
+            state["weight_average"] = self.weight_average.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -131,6 +178,11 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if "task_rng" in state:
             self.task.generator.set_state(state["task_rng"])
+        if self.weight_average is not None:
+            if "weight_average" not in state:
+                raise ValueError("train.ema_decay is set but the checkpoint has no weight average; resume with "
+                                 "the ema_decay the run started with")
+            self.weight_average.load_state_dict(state["weight_average"])
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint; False when there is none."""
@@ -200,6 +252,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+            if self.weight_average is not None:
+                self.weight_average.update(self.step)
             self.step += 1
             window_images += len(batch["images"]) * self.world_size
             bar.update(1)
@@ -219,7 +273,9 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.task.model = eager_model
-        self.save_checkpoint()
+        self.save_checkpoint()  # the trained weights (and their average): resume continues exactly
+        if self.weight_average is not None and self.finished:
+            self.weight_average.copy_to_model()  # the final model is the average
         self.model.eval()
         return self.history
 
