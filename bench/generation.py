@@ -3,7 +3,8 @@
 Shapes (config generate-shapes): a small diffusers UNet at 32 px learns single-object scenes, conditioned on
 the frozen text tower of a tiny-shapes dual encoder (`--shapes-run`, or one is trained here first: ~8 min).
 Held-out prompts ("a large red circle in the top left", from test scenes) are generated at guidance 1 (none), 1.5,
-3 and 5 with 30 DDIM steps. A separate CNN judge, trained only on real single-object scenes of another data
+3 and 5 with the config's sampler (generate-shapes: 50 ancestral steps, DDIM eta 1; generate-digits: 30 DDIM
+steps; recorded under config). A separate CNN judge, trained only on real single-object scenes of another data
 seed, reads color / shape / size / position of each generated image; the dual encoder gives the CLIP-score,
 its image tower the features of the Fréchet distance to real test images.
 
@@ -64,6 +65,7 @@ def bench_generator(config_name: str, encoder: Path, runs_dir: Path, threads: in
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["run_dir"] = str(run_dir)
     metrics["guidance"] = [f"{g:g}" for g in config.generate.guidance]  # the _g<scale> suffixes it reported
+    metrics["sampler"] = {"sampling_steps": config.generate.sampling_steps, "sampling_eta": config.generate.sampling_eta}
     return metrics
 
 
@@ -101,7 +103,7 @@ def main() -> None:
                        judge_train_seconds=m["judge_train_seconds"], shapes_wall_seconds=m["wall_seconds"],
                        **{k: m[k] for k in m if k.startswith("judge_real_")})
         config["shapes"] = {"config": "generate-shapes", "dual_encoder": str(encoder), "steps": m["steps"],
-                            "eval_prompts": m["generation_eval_prompts"]}
+                            "eval_prompts": m["generation_eval_prompts"], **m["sampler"]}
         shutil.copy(Path(m["run_dir"]) / "samples.png", RESULTS / f"{name}-shapes-samples.png")
         shutil.copy(Path(m["run_dir"]) / "guidance.png", RESULTS / f"{name}-shapes-guidance.png")
         write_results(name, figures, config)  # the shapes figures are safe even if digits fails
@@ -117,7 +119,7 @@ def main() -> None:
                        digits_frechet_distance_real=m["frechet_distance_real"],
                        digits_judge_real_acc=m["judge_real_digit_acc"], digits_wall_seconds=m["wall_seconds"])
         config["digits"] = {"config": "generate-digits", "dual_encoder": str(encoder), "steps": m["steps"],
-                            "eval_prompts": m["generation_eval_prompts"]}
+                            "eval_prompts": m["generation_eval_prompts"], **m["sampler"]}
         shutil.copy(Path(m["run_dir"]) / "samples.png", RESULTS / f"{name}-digits-samples.png")
         write_results(name, figures, config)
 
