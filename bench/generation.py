@@ -3,8 +3,8 @@
 Shapes (config generate-shapes): a small diffusers UNet at 32 px learns single-object scenes, conditioned on
 the frozen text tower of a tiny-shapes dual encoder (`--shapes-run`, or one is trained here first: ~8 min).
 Held-out prompts ("a large red circle in the top left", from test scenes) are generated at guidance 1 (none), 1.5,
-3 and 5 with the config's sampler (generate-shapes: 50 ancestral steps, DDIM eta 1; generate-digits: 30 DDIM
-steps; recorded under config). A separate CNN judge, trained only on real single-object scenes of another data
+3 and 5 with the config's sampler (`generate.sampling_steps` / `sampling_eta`, recorded under config; both
+configs: 30 DDIM steps, eta 0). A separate CNN judge, trained only on real single-object scenes of another data
 seed, reads color / shape / size / position of each generated image; the dual encoder gives the CLIP-score,
 its image tower the features of the Fréchet distance to real test images.
 

@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none, 0: unconditional")
     p.add_argument("--eta", type=float, default=0.0,
-                   help="fresh noise per DDIM step: 0 deterministic (DDIM), 1 ancestral (often sharper shapes)")
+                   help="fresh noise per DDIM step: 0 deterministic (DDIM), 1 ancestral (DDPM-like)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
     p.add_argument("--scale", type=int, default=4, help="enlarge each image this many times in the grid (nearest)")
     p.add_argument("-o", "--output", type=Path, required=True, help="the grid PNG to write (folders are created)")
