@@ -86,9 +86,11 @@ class WeightAverage:
         """Fold the current weights in, ``step`` being the number of optimizer steps taken before this one."""
         weight = 1 - ema_decay_at(step, self.decay)
         for name, p in self.params.items():
-            if self.average[name].device != p.device:  # the model moved (fit puts it on its device)
-                self.average[name] = self.average[name].to(p.device)
             self.average[name].lerp_(p.detach(), weight)
+
+    def to(self, device: torch.device) -> None:
+        """Keep the average where the model trains (``fit`` moves both)."""
+        self.average = {name: t.to(device) for name, t in self.average.items()}
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -222,6 +224,8 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.to(self.device).train()
+        if self.weight_average is not None:
+            self.weight_average.to(self.device)
         autocast = autocast_context(self.device, cfg.precision)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         window_images, window_start = 0, time.perf_counter()
