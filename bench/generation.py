@@ -65,7 +65,8 @@ def bench_generator(config_name: str, encoder: Path, runs_dir: Path, threads: in
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["run_dir"] = str(run_dir)
     metrics["guidance"] = [f"{g:g}" for g in config.generate.guidance]  # the _g<scale> suffixes it reported
-    metrics["sampler"] = {"sampling_steps": config.generate.sampling_steps, "sampling_eta": config.generate.sampling_eta}
+    metrics["sampler"] = {"sampling_steps": config.generate.sampling_steps, "sampling_eta": config.generate.sampling_eta,
+                          "guidance_interval": list(config.generate.guidance_interval)}
     return metrics
 
 

@@ -212,6 +212,7 @@ def test_generate_command_writes_a_grid(generator_run, tmp_path, capsys):
     (["--guidance", "-1"], "--guidance"),
     (["-n", "0"], "-n"),
     (["--eta", "2"], "--eta"),
+    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval"),
 ])
 def test_generate_command_rejects_bad_input_and_keeps_the_old_file(generator_run, tmp_path, capsys, change, message):
     out = tmp_path / "out.png"
@@ -242,4 +243,7 @@ def test_generate_run_rejects_mismatched_sizes_and_missing_encoder(tmp_path, cap
     args = ["train", "--config", "generate-shapes", "--runs-dir", str(tmp_path), "--set", "generate.sampling_eta=1.5"]
     assert main(args) == 2
     assert "generate.sampling_eta" in capsys.readouterr().err
+    args[-1] = "generate.guidance_interval=[0.5,2]"
+    assert main(args) == 2
+    assert "generate.guidance_interval" in capsys.readouterr().err
     assert not (tmp_path / "generate-shapes").exists()  # refused before a run folder is made

@@ -147,6 +147,31 @@ def test_ancestral_sampling_is_seeded_and_adds_noise(generator):
     assert torch.equal(generator.generate_images(prompts, eta=0.0, **options), ddim)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(generator, monkeypatch):
+    prompts = ["a red circle", "a blue square"]
+    options = dict(num_inference_steps=4, progress=False, seed=3)
+    plain = generator.generate_images(prompts, guidance_scale=1.0, **options)
+    guided = generator.generate_images(prompts, guidance_scale=4.0, **options)
+    assert not torch.equal(plain, guided)
+    # the whole schedule is the old behaviour; an interval that holds no step is no guidance at all
+    assert torch.equal(generator.generate_images(prompts, guidance_scale=4.0, guidance_interval=(0, 1), **options),
+                       guided)
+    assert torch.equal(generator.generate_images(prompts, guidance_scale=4.0, guidance_interval=(0, 0.1), **options),
+                       plain)
+    # 4 trailing steps over 100 timesteps: t = 99, 74, 49, 24; (0, 0.6) guides the last two only
+    scales = []
+    guided_noise = generator.guided_noise
+
+    def spy(x, t, context, mask, guidance_scale):
+        scales.append((int(t), guidance_scale))
+        return guided_noise(x, t, context, mask, guidance_scale)
+
+    monkeypatch.setattr(generator, "guided_noise", spy)
+    partial = generator.generate_images(prompts, guidance_scale=4.0, guidance_interval=(0, 0.6), **options)
+    assert scales == [(99, 1.0), (74, 1.0), (49, 4.0), (24, 4.0)]
+    assert not torch.equal(partial, plain) and not torch.equal(partial, guided)
+
+
 @pytest.mark.parametrize("prompts, options, message", [
     ("", {}, "empty"),
     ("   ", {}, "empty"),
@@ -158,6 +183,10 @@ def test_ancestral_sampling_is_seeded_and_adds_noise(generator):
     ("a red circle", {"guidance_scale": float("nan")}, "guidance_scale"),
     ("a red circle", {"num_images_per_prompt": 0}, "num_images_per_prompt"),
     ("a red circle", {"eta": -0.1}, "eta"),
+    ("a red circle", {"guidance_interval": (0.7, 0.2)}, "guidance_interval"),
+    ("a red circle", {"guidance_interval": (0.0, 1.5)}, "guidance_interval"),
+    ("a red circle", {"guidance_interval": (float("nan"), 1.0)}, "guidance_interval"),
+    ("a red circle", {"guidance_interval": (0.5,)}, "guidance_interval"),
     ("a red circle", {"eta": 1.5}, "eta"),
     ("a red circle", {"eta": float("nan")}, "eta"),
 ])

@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none, 0: unconditional")
     p.add_argument("--eta", type=float, default=0.0,
                    help="fresh noise per DDIM step: 0 deterministic (DDIM), 1 ancestral (DDPM-like)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="guide only at noise levels in [LO, HI] (0 clean, 1 pure noise); e.g. 0 0.6")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
     p.add_argument("--scale", type=int, default=4, help="enlarge each image this many times in the grid (nearest)")
     p.add_argument("-o", "--output", type=Path, required=True, help="the grid PNG to write (folders are created)")
@@ -283,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vlpt.train.generate import cmd_generate
 
             cmd_generate(args.prompts, args.model, args.output, num_images=args.num_images, steps=args.steps,
-                         guidance=args.guidance, seed=args.seed, scale=args.scale, eta=args.eta)
+                         guidance=args.guidance, seed=args.seed, scale=args.scale, eta=args.eta,
+                         guidance_interval=args.guidance_interval)
         elif args.command == "data" and args.data_command == "shards":
             from vlpt.data.shards import cmd_data_shards
 

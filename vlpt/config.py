@@ -179,6 +179,7 @@ class GenerateConfig:
     guidance: tuple[float, ...] = (1.0, 3.0, 5.0)  # classifier-free guidance scales evaluated
     sampling_steps: int = 30  # DDIM steps per image in the evaluation
     sampling_eta: float = 0.0  # DDIM eta in the evaluation: 0 deterministic, 1 ancestral (fresh noise each step)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide only at noise levels t / T in [lo, hi]; 1 = noise
     judge_steps: int = 600  # steps training the independent judge classifier on real images
     judge_train_size: int = 20000  # real single-object scenes the judge learns from (shapes)
     grid_prompts: int = 8  # prompts shown in the report's sample grid (4 samples each)

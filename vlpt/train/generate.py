@@ -48,7 +48,11 @@ from vlpt.evaluate.report import write_report
 from vlpt.evaluate.suite import load_split
 from vlpt.factory import create_model, get_tokenizer
 from vlpt.io import atomic_write
-from vlpt.models.generator import TextToImageGenerator, load_generator
+from vlpt.models.generator import (
+    TextToImageGenerator,
+    check_guidance_interval,
+    load_generator,
+)
 from vlpt.tokenization import Tokenizer
 from vlpt.train.caption import (
     load_dual_encoder,  # a captioner's folder also gives its dual encoder
@@ -121,6 +125,7 @@ def check_generate_config(config: RunConfig) -> None:
     if not 0 <= config.generate.sampling_eta <= 1:
         raise ValueError(f"generate.sampling_eta must be in [0, 1] (0: DDIM, 1: ancestral), "
                          f"got {config.generate.sampling_eta}")
+    check_guidance_interval(config.generate.guidance_interval, "generate.guidance_interval")
 
 
 def train_generator(config: RunConfig, run_dir: str | Path, resume: bool = False, cache_dir=None,
@@ -169,10 +174,12 @@ def evaluation_set(config: RunConfig, cache_dir=None) -> dict:
 
 
 def generate_in_chunks(model: TextToImageGenerator, prompts: Sequence[str], guidance: float, steps: int,
-                       seed: int, chunk: int = 128, eta: float = 0.0) -> np.ndarray:
+                       seed: int, chunk: int = 128, eta: float = 0.0,
+                       guidance_interval: Sequence[float] = (0.0, 1.0)) -> np.ndarray:
     """uint8 (N, H, W, 3) for N prompts, ``chunk`` prompts per sampling batch, each chunk its own seed."""
     parts = [model.generate_images(list(prompts[start:start + chunk]), num_inference_steps=steps,
-                                   guidance_scale=guidance, seed=seed + start, progress=False, eta=eta).numpy()
+                                   guidance_scale=guidance, seed=seed + start, progress=False, eta=eta,
+                                   guidance_interval=guidance_interval).numpy()
              for start in range(0, len(prompts), chunk)]
     return np.concatenate(parts)
 
@@ -208,7 +215,7 @@ def evaluate_generator(model: TextToImageGenerator, config: RunConfig, cache_dir
         suffix = f"_g{g:g}"
         start = time.perf_counter()
         images = generate_in_chunks(model, prompts, g, gen.sampling_steps, seed=config.train.seed,
-                                    eta=gen.sampling_eta)
+                                    eta=gen.sampling_eta, guidance_interval=gen.guidance_interval)
         metrics[f"seconds_per_image{suffix}"] = (time.perf_counter() - start) / len(prompts)
         accuracy = judge.accuracy(images, evalset["labels"])
         for name, value in accuracy.items():
@@ -259,6 +266,7 @@ def write_figures(model: TextToImageGenerator, config: RunConfig, figures: dict,
     best = figures["best"]
     grid = model.generate_images(prompts, num_inference_steps=gen.sampling_steps, guidance_scale=best,
                                  seed=config.train.seed, progress=False, eta=gen.sampling_eta,
+                                 guidance_interval=gen.guidance_interval,
                                  num_images_per_prompt=SAMPLES_PER_PROMPT).numpy()
     samples = plot_samples([grid[i * SAMPLES_PER_PROMPT:(i + 1) * SAMPLES_PER_PROMPT] for i in range(k)], prompts,
                            run_dir / SAMPLES_NAME)
@@ -309,8 +317,9 @@ def image_grid(images: np.ndarray, columns: int, scale: int = 1) -> Image.Image:
 
 def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_images: int = 8, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, columns: int | None = None, scale: int = 4,
-                 progress: bool = True, eta: float = 0.0) -> Path:
-    """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] [--eta 1] -o out.png``: a grid PNG of samples,
+                 progress: bool = True, eta: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0)) -> Path:
+    """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] [--eta 1] [--guidance-interval 0 0.6] -o out.png``:
+    a grid PNG of samples,
     ``num_images`` per prompt, one row per prompt (or ``columns`` per row). Bad options fail before the
     model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never half-written."""
     prompts = list(prompts)
@@ -324,6 +333,7 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
         raise ValueError(f"--guidance must be >= 0 (0: unconditional, 1: no guidance), got {guidance}")
     if not 0 <= eta <= 1:
         raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta}")
+    guidance_interval = check_guidance_interval(guidance_interval, "--guidance-interval")
     if scale < 1 or (columns is not None and columns < 1):
         raise ValueError("--scale and --columns must be at least 1")
     output = Path(output)
@@ -333,7 +343,8 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
         raise ValueError(f"the output {output} is a folder; give a file name ending in .png")
     model = load_generator(model_dir)
     images = model.generate_images(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                   progress=progress, num_images_per_prompt=num_images, eta=eta).numpy()
+                                   progress=progress, num_images_per_prompt=num_images, eta=eta,
+                                   guidance_interval=guidance_interval).numpy()
     grid = image_grid(images, columns or num_images, scale)
     atomic_write(output, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {output} ({len(images)} images, {len(prompts)} prompt(s), guidance {guidance:g}, seed {seed})")
