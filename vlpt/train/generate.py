@@ -319,9 +319,8 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
                  guidance: float = 3.0, seed: int = 0, columns: int | None = None, scale: int = 4,
                  progress: bool = True, eta: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0)) -> Path:
     """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] [--eta 1] [--guidance-interval 0 0.6] -o out.png``:
-    a grid PNG of samples,
-    ``num_images`` per prompt, one row per prompt (or ``columns`` per row). Bad options fail before the
-    model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never half-written."""
+    a grid PNG of samples, ``num_images`` per prompt, one row per prompt (or ``columns`` per row). Bad options
+    fail before the model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never half-written."""
     prompts = list(prompts)
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("every prompt must be non-empty; describe the image in at least one word")
