@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.test_generator import make_generator
 from vlpt.cli import main
+from vlpt.config import SamplingConfig
 from vlpt.data import shapes
 from vlpt.evaluate.generation import (
     SHAPE_ATTRIBUTES,
@@ -179,6 +180,9 @@ def test_generate_run_trains_evaluates_and_reports(generator_run):
     model = load_generator(generator_run)
     assert model.config.block_channels == (16, 32)
     assert len((generator_run / "log.jsonl").read_text().splitlines()) == 4
+    # the run's measured best guidance and its sampler become the model's sampling defaults
+    assert model.sampling == SamplingConfig(num_inference_steps=2, guidance_scale=metrics["best_guidance"], eta=0.0,
+                                            guidance_interval=(0.0, 0.6))
 
 
 def test_generate_run_resumes_exactly(generator_run, tmp_path):
@@ -204,6 +208,22 @@ def test_generate_command_writes_a_grid(generator_run, tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "again.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)  # same seed, same images
     assert not list(out.parent.glob(".*tmp"))  # no temp file left behind
+
+
+def test_generate_command_defaults_to_the_runs_best_sampling_settings(generator_run, tmp_path, capsys):
+    sampling = load_generator(generator_run).sampling
+    prompt_and_model = ["generate", "a small blue square", "--model", str(generator_run), "-n", "2", "--seed", "1"]
+    assert main(prompt_and_model + ["-o", str(tmp_path / "default.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"guidance {sampling.guidance_scale:g} in [0, 0.6]" in printed and "2 steps" in printed
+    explicit = ["--steps", "2", "--guidance", f"{sampling.guidance_scale}", "--guidance-interval", "0", "0.6"]
+    assert main(prompt_and_model + explicit + ["-o", str(tmp_path / "explicit.png")]) == 0
+    default = np.asarray(Image.open(tmp_path / "default.png"))
+    assert np.array_equal(default, np.asarray(Image.open(tmp_path / "explicit.png")))
+    other = 1 if sampling.guidance_scale != 1 else 3
+    assert main(prompt_and_model + ["--guidance", str(other), "-o", str(tmp_path / "other.png")]) == 0
+    assert f"guidance {other:g} in [0, 0.6]" in capsys.readouterr().out
+    assert not np.array_equal(default, np.asarray(Image.open(tmp_path / "other.png")))
 
 
 @pytest.mark.parametrize("change, message", [

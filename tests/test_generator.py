@@ -2,19 +2,22 @@
 save / load, and a tiny generator that overfits one image's color (all on a tiny 32 px UNet)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from tests.conftest import tiny_model_config
-from vlpt.config import GeneratorConfig, TrainConfig, from_dict, to_dict
+from vlpt.config import GeneratorConfig, SamplingConfig, TrainConfig, from_dict, to_dict
 from vlpt.factory import create_model
 from vlpt.models.generator import (
     MODEL_TYPE,
+    SAMPLING_NAME,
     TextToImageGenerator,
     classifier_free_guidance,
     images_to_pixels,
     load_generator,
+    write_sampling,
 )
 from vlpt.train.generate import GenerateTask
 from vlpt.train.trainer import Trainer
@@ -226,6 +229,43 @@ def test_save_and_load_give_identical_images(generator, tmp_path):
     generator.dual_encoder.save_pretrained(tmp_path / "dual")
     with pytest.raises(ValueError, match=MODEL_TYPE):
         load_generator(tmp_path / "dual")
+
+
+def test_saved_sampling_settings_are_the_defaults_and_explicit_options_win(generator, tmp_path):
+    generator.save_pretrained(tmp_path / "gen")
+    assert load_generator(tmp_path / "gen").sampling == SamplingConfig()  # nothing chosen: the library's
+    (tmp_path / "gen" / SAMPLING_NAME).unlink()  # a folder saved before sampling.json existed
+    assert load_generator(tmp_path / "gen").sampling == SamplingConfig()
+    chosen = SamplingConfig(num_inference_steps=3, guidance_scale=2.0, eta=0.0, guidance_interval=(0.0, 0.6))
+    write_sampling(tmp_path / "gen", chosen)
+    loaded = load_generator(tmp_path / "gen")
+    assert loaded.sampling == chosen
+    explicit = dict(num_inference_steps=3, guidance_interval=(0.0, 0.6), seed=7, progress=False)
+    by_default = loaded.generate_images(["a red circle"], seed=7, progress=False)
+    assert torch.equal(by_default, generator.generate_images(["a red circle"], guidance_scale=2.0, **explicit))
+    overridden = loaded.generate_images(["a red circle"], guidance_scale=5.0, seed=7, progress=False)
+    assert torch.equal(overridden, generator.generate_images(["a red circle"], guidance_scale=5.0, **explicit))
+    assert not torch.equal(overridden, by_default)
+    loaded.save_pretrained(tmp_path / "again")  # save -> load keeps the settings
+    assert load_generator(tmp_path / "again").sampling == chosen
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": 500}, "at most the 100 training timesteps"),
+    ({"guidance_interval": [0.9, 0.1]}, "guidance_interval"),
+    ({"eta": 2}, "eta"),
+    ({"guidance": 2.0}, "guidance"),  # a misspelt key: the error lists the valid ones
+    ("{not json", "not valid JSON"),
+])
+def test_a_bad_sampling_file_names_itself(generator, tmp_path, content, message):
+    generator.save_pretrained(tmp_path / "gen")
+    path = tmp_path / "gen" / SAMPLING_NAME
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message) as error:
+        load_generator(tmp_path / "gen")
+    assert SAMPLING_NAME in str(error.value)
 
 
 # ----------------------------------------------------------------------------- learning

@@ -227,12 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a large red circle in the top left"')
     p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "generate-shapes", help="generator model or run folder")
     p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (one grid row per prompt)")
-    p.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none, 0: unconditional")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="fresh noise per DDIM step: 0 deterministic (DDIM), 1 ancestral (DDPM-like)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
-                   help="guide only at noise levels in [LO, HI] (0 clean, 1 pure noise); e.g. 0 0.6")
+    # Sampling options left out come from the model's sampling.json: a trained run's best guidance and sampler.
+    p.add_argument("--steps", type=int, default=None, help="DDIM sampling steps (default: the model's, else 30)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1: none, 0: unconditional (default: the run's best, else 3)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="fresh noise per DDIM step: 0 deterministic (DDIM), 1 ancestral (default: the model's, else 0)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at noise levels in [LO, HI] (0 clean, 1 pure noise); e.g. 0 0.6 "
+                        "(default: the model's, else 0 1)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
     p.add_argument("--scale", type=int, default=4, help="enlarge each image this many times in the grid (nearest)")
     p.add_argument("-o", "--output", type=Path, required=True, help="the grid PNG to write (folders are created)")

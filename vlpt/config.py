@@ -172,6 +172,17 @@ class GeneratorConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """A generator's default sampling settings (its folder's sampling.json, like transformers'
+    generation_config.json): what ``generate_images`` and ``vlpt generate`` use when not told otherwise.
+    A generator run's evaluation writes the guidance it measured best."""
+    num_inference_steps: int = 30  # DDIM steps
+    guidance_scale: float = 3.0  # classifier-free guidance; 1: none, 0: unconditional
+    eta: float = 0.0  # fresh noise per DDIM step: 0 deterministic, 1 ancestral
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide only at noise levels t / T in [lo, hi]; 1 = noise
+
+
+@dataclass
 class GenerateConfig:
     model: GeneratorConfig = field(default_factory=GeneratorConfig)  # the denoiser (the towers: section model)
     from_run: str | None = None  # pre-trained dual encoder: its text tower conditions, its image tower scores

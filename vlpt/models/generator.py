@@ -28,6 +28,8 @@ model and [-1, 1] floats (B, 3, H, W) inside.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,17 +39,19 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlpt.config import GeneratorConfig
+from vlpt.config import GeneratorConfig, SamplingConfig, from_dict, to_dict
+from vlpt.io import atomic_write_text
 from vlpt.models.dual_encoder import (
     BuiltOnEncoder,
     DualEncoder,
 )
 
-__all__ = ["GeneratorConfig", "TextToImageGenerator", "check_guidance_interval", "classifier_free_guidance",
-           "load_generator"]
+__all__ = ["GeneratorConfig", "SamplingConfig", "TextToImageGenerator", "check_guidance_interval", "check_sampling",
+           "classifier_free_guidance", "load_generator"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MODEL_TYPE = "vlpt-generator"  # config.json's "model_type": tells a generator folder from a dual encoder's
+SAMPLING_NAME = "sampling.json"  # a generator folder's default sampling settings (SamplingConfig)
 
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float
@@ -112,6 +116,46 @@ def pixels_to_images(pixels: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).cpu()  # (B, H, W, 3)
 
 
+def check_sampling(sampling: SamplingConfig, train_timesteps: int, where: str = "") -> SamplingConfig:
+    """``sampling`` with every value checked (a ValueError naming the setting, and ``where`` it came from)
+    and the interval as a float pair."""
+    prefix = f"{where}: " if where else ""
+    steps = sampling.num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 1:
+        raise ValueError(f"{prefix}num_inference_steps must be an integer >= 1, got {steps!r}")
+    if steps > train_timesteps:
+        raise ValueError(f"{prefix}num_inference_steps must be at most the {train_timesteps} training timesteps, "
+                         f"got {steps}")
+    guidance = sampling.guidance_scale
+    if not isinstance(guidance, (int, float)) or not guidance >= 0:  # also rejects NaN
+        raise ValueError(f"{prefix}guidance_scale must be >= 0 (0: unconditional, 1: no guidance), got {guidance!r}")
+    eta = sampling.eta
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # also rejects NaN
+        raise ValueError(f"{prefix}eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta!r}")
+    interval = check_guidance_interval(sampling.guidance_interval, f"{prefix}guidance_interval")
+    return SamplingConfig(int(steps), float(guidance), float(eta), interval)
+
+
+def write_sampling(directory: str | Path, sampling: SamplingConfig) -> Path:
+    """Write a generator folder's sampling.json (atomically: an old file stays whole until replaced)."""
+    path = Path(directory) / SAMPLING_NAME
+    atomic_write_text(path, json.dumps(to_dict(sampling), indent=2))
+    return path
+
+
+def read_sampling(directory: str | Path, train_timesteps: int) -> SamplingConfig:
+    """A generator folder's sampling.json, checked; the library defaults where the folder has none."""
+    path = Path(directory) / SAMPLING_NAME
+    if not path.exists():
+        return SamplingConfig()
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or delete it") from None
+    sampling = from_dict(SamplingConfig, data, where=str(path))  # unknown keys: a ConfigError (a ValueError)
+    return check_sampling(sampling, train_timesteps, where=str(path))
+
+
 class TextToImageGenerator(BuiltOnEncoder, nn.Module):
     """A dual encoder's text tower + a cross-attention UNet denoiser; see the module docstring."""
 
@@ -134,6 +178,7 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
         if config.train_timesteps < 1:
             raise ValueError(f"train_timesteps must be at least 1, got {config.train_timesteps}")
         self.config = copy.deepcopy(config)
+        self.sampling = SamplingConfig()  # generate_images' defaults; saved as sampling.json with the model
         self.dual_encoder = dual_encoder
         self.tokenizer = dual_encoder.tokenizer
         # The image tower plays no part in generation (it stays for CLIP-score / Frechet evaluation).
@@ -157,6 +202,16 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
     @property
     def device(self) -> torch.device:
         return self.null_context.device
+
+    def write_files(self, directory: Path) -> None:
+        super().write_files(directory)
+        write_sampling(directory, self.sampling)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:
+        model = super().from_pretrained(directory, device)
+        model.sampling = read_sampling(directory, model.config.train_timesteps)
+        return model
 
     @property
     def text_frozen(self) -> bool:
@@ -279,17 +334,18 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
                              timestep_spacing="trailing")
 
     @torch.inference_mode()
-    def generate_images(self, prompts: str | Sequence[str], num_inference_steps: int = 30,
-                        guidance_scale: float = 3.0, seed: int = 0, progress: bool = True,
-                        num_images_per_prompt: int = 1, eta: float = 0.0,
-                        guidance_interval: Sequence[float] = (0.0, 1.0)) -> torch.Tensor:
+    def generate_images(self, prompts: str | Sequence[str], num_inference_steps: int | None = None,
+                        guidance_scale: float | None = None, seed: int = 0, progress: bool = True,
+                        num_images_per_prompt: int = 1, eta: float | None = None,
+                        guidance_interval: Sequence[float] | None = None) -> torch.Tensor:
         """uint8 images (N, H, W, 3), N = len(prompts) * num_images_per_prompt (each prompt's images together).
 
         DDIM with classifier-free guidance; ``eta`` in [0, 1] is the fresh noise per step (0: deterministic
         DDIM, 1: ancestral). ``guidance_interval`` (lo, hi): guide only the steps whose noise level t / T lies
         in [lo, hi] (0 clean, 1 pure noise); the others use the conditional prediction alone (and cost one
-        UNet pass instead of two). The seed draws the initial and the per-step noise: the same seed, the same
-        images."""
+        UNet pass instead of two). A setting left None comes from ``self.sampling`` (the folder's
+        sampling.json: a trained run's best guidance). The seed draws the initial and the per-step noise:
+        the same seed, the same images."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -300,19 +356,13 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
                 raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
             if not prompt.strip():
                 raise ValueError(f"prompt {i} is empty; describe the image in at least one word")
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if num_inference_steps > self.config.train_timesteps:
-            raise ValueError(f"num_inference_steps must be at most the {self.config.train_timesteps} training "
-                             f"timesteps, got {num_inference_steps}")
-        if not guidance_scale >= 0:  # also rejects NaN
-            raise ValueError(f"guidance_scale must be >= 0 (0: unconditional, 1: no guidance), got {guidance_scale}")
+        given = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                     guidance_interval=guidance_interval)
+        chosen = dataclasses.replace(self.sampling, **{k: v for k, v in given.items() if v is not None})
+        sampling = check_sampling(chosen, self.config.train_timesteps)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if not 0.0 <= eta <= 1.0:  # also rejects NaN
-            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta}")
-        lo, hi = check_guidance_interval(guidance_interval)
+        lo, hi = sampling.guidance_interval
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         tokens = self.tokenizer(prompts)
         was_training = self.training
@@ -324,12 +374,12 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
             noise_gen = torch.Generator().manual_seed(int(seed))
             x = torch.randn((len(prompts), 3, size, size), generator=noise_gen).to(self.device)  # (N, 3, H, W)
             scheduler = self.sampling_scheduler()
-            scheduler.set_timesteps(int(num_inference_steps), device=self.device)
+            scheduler.set_timesteps(sampling.num_inference_steps, device=self.device)
             T = self.config.train_timesteps
             for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-                scale = float(guidance_scale) if lo <= int(t) / T <= hi else 1.0
+                scale = sampling.guidance_scale if lo <= int(t) / T <= hi else 1.0
                 eps = self.guided_noise(x, t, context, mask, scale)
-                x = scheduler.step(eps, t, x, eta=float(eta), generator=noise_gen).prev_sample  # (N, 3, H, W)
+                x = scheduler.step(eps, t, x, eta=sampling.eta, generator=noise_gen).prev_sample  # (N, 3, H, W)
             return pixels_to_images(x)
         finally:
             self.train(was_training)

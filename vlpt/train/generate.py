@@ -15,6 +15,7 @@ Single process: generator runs do not use torchrun yet.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import textwrap
@@ -28,7 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vlpt.config import RunConfig
+from vlpt.config import RunConfig, SamplingConfig
 from vlpt.data import shapes
 from vlpt.data.digits import DigitsConfig, DigitsDataset
 from vlpt.evaluate.captioning import clip_score
@@ -46,12 +47,14 @@ from vlpt.evaluate.generation import (
 )
 from vlpt.evaluate.report import write_report
 from vlpt.evaluate.suite import load_split
-from vlpt.factory import create_model, get_tokenizer
+from vlpt.factory import create_model, find_model_dir, get_tokenizer
 from vlpt.io import atomic_write
 from vlpt.models.generator import (
     TextToImageGenerator,
     check_guidance_interval,
+    check_sampling,
     load_generator,
+    write_sampling,
 )
 from vlpt.tokenization import Tokenizer
 from vlpt.train.caption import (
@@ -279,11 +282,16 @@ def write_figures(model: TextToImageGenerator, config: RunConfig, figures: dict,
 
 def evaluate_generate_run(run_dir: str | Path, model: TextToImageGenerator | None = None,
                           extra: dict | None = None, cache_dir=None) -> dict[str, float]:
-    """Evaluate a generator run's final model; write metrics.json, the sample grids and report.md."""
+    """Evaluate a generator run's final model; write metrics.json, the sample grids and report.md, and the
+    best guidance with the run's sampler into the model's sampling.json (``vlpt generate``'s defaults)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     model = model or load_generator(run_dir)
     metrics, figures = evaluate_generator(model, config, cache_dir)
+    gen = config.generate
+    model.sampling = check_sampling(SamplingConfig(gen.sampling_steps, figures["best"], gen.sampling_eta,
+                                                   gen.guidance_interval), model.config.train_timesteps)
+    write_sampling(find_model_dir(run_dir), model.sampling)
     metrics = {**metrics, **(extra or {})}
     rows = read_log(run_dir / "log.jsonl")
     metrics["steps"] = max((row["step"] for row in rows), default=config.train.steps)  # fewer if out of time
@@ -315,24 +323,28 @@ def image_grid(images: np.ndarray, columns: int, scale: int = 1) -> Image.Image:
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
 
 
-def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_images: int = 8, steps: int = 30,
-                 guidance: float = 3.0, seed: int = 0, columns: int | None = None, scale: int = 4,
-                 progress: bool = True, eta: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0)) -> Path:
+def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_images: int = 8, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, columns: int | None = None, scale: int = 4,
+                 progress: bool = True, eta: float | None = None,
+                 guidance_interval: Sequence[float] | None = None) -> Path:
     """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] [--eta 1] [--guidance-interval 0 0.6] -o out.png``:
-    a grid PNG of samples, ``num_images`` per prompt, one row per prompt (or ``columns`` per row). Bad options
-    fail before the model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never half-written."""
+    a grid PNG of samples, ``num_images`` per prompt, one row per prompt (or ``columns`` per row). A sampling
+    option not given comes from the model's sampling.json (a trained run's best guidance). Bad options fail
+    before the model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never
+    half-written."""
     prompts = list(prompts)
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("every prompt must be non-empty; describe the image in at least one word")
     if num_images < 1:
         raise ValueError(f"-n (images per prompt) must be at least 1, got {num_images}")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    if not guidance >= 0:
+    if guidance is not None and not guidance >= 0:
         raise ValueError(f"--guidance must be >= 0 (0: unconditional, 1: no guidance), got {guidance}")
-    if not 0 <= eta <= 1:
+    if eta is not None and not 0 <= eta <= 1:
         raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta}")
-    guidance_interval = check_guidance_interval(guidance_interval, "--guidance-interval")
+    if guidance_interval is not None:
+        guidance_interval = check_guidance_interval(guidance_interval, "--guidance-interval")
     if scale < 1 or (columns is not None and columns < 1):
         raise ValueError("--scale and --columns must be at least 1")
     output = Path(output)
@@ -341,10 +353,14 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
     if output.exists() and output.is_dir():
         raise ValueError(f"the output {output} is a folder; give a file name ending in .png")
     model = load_generator(model_dir)
-    images = model.generate_images(prompts, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                   progress=progress, num_images_per_prompt=num_images, eta=eta,
-                                   guidance_interval=guidance_interval).numpy()
+    given = dict(num_inference_steps=steps, guidance_scale=guidance, eta=eta, guidance_interval=guidance_interval)
+    used = dataclasses.replace(model.sampling, **{k: v for k, v in given.items() if v is not None})
+    images = model.generate_images(prompts, seed=seed, progress=progress, num_images_per_prompt=num_images,
+                                   **dataclasses.asdict(used)).numpy()
     grid = image_grid(images, columns or num_images, scale)
     atomic_write(output, lambda tmp: grid.save(tmp, format="PNG"))
-    print(f"wrote {output} ({len(images)} images, {len(prompts)} prompt(s), guidance {guidance:g}, seed {seed})")
+    lo, hi = used.guidance_interval
+    where = "" if (lo, hi) == (0, 1) else f" in [{lo:g}, {hi:g}]"
+    print(f"wrote {output} ({len(images)} images, {len(prompts)} prompt(s), {used.num_inference_steps} steps, "
+          f"guidance {used.guidance_scale:g}{where}, eta {used.eta:g}, seed {seed})")
     return output
