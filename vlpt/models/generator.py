@@ -333,6 +333,11 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
                              prediction_type=self.config.prediction_type, clip_sample=True, set_alpha_to_one=True,
                              timestep_spacing="trailing")
 
+    def resolve_sampling(self, **given) -> SamplingConfig:
+        """``self.sampling`` with each setting given (not None) in its place, checked."""
+        chosen = dataclasses.replace(self.sampling, **{k: v for k, v in given.items() if v is not None})
+        return check_sampling(chosen, self.config.train_timesteps)
+
     @torch.inference_mode()
     def generate_images(self, prompts: str | Sequence[str], num_inference_steps: int | None = None,
                         guidance_scale: float | None = None, seed: int = 0, progress: bool = True,
@@ -356,10 +361,8 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
                 raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
             if not prompt.strip():
                 raise ValueError(f"prompt {i} is empty; describe the image in at least one word")
-        given = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                     guidance_interval=guidance_interval)
-        chosen = dataclasses.replace(self.sampling, **{k: v for k, v in given.items() if v is not None})
-        sampling = check_sampling(chosen, self.config.train_timesteps)
+        sampling = self.resolve_sampling(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                         eta=eta, guidance_interval=guidance_interval)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         lo, hi = sampling.guidance_interval

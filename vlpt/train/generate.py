@@ -353,8 +353,8 @@ def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_imag
     if output.exists() and output.is_dir():
         raise ValueError(f"the output {output} is a folder; give a file name ending in .png")
     model = load_generator(model_dir)
-    given = dict(num_inference_steps=steps, guidance_scale=guidance, eta=eta, guidance_interval=guidance_interval)
-    used = dataclasses.replace(model.sampling, **{k: v for k, v in given.items() if v is not None})
+    used = model.resolve_sampling(num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+                                  guidance_interval=guidance_interval)
     images = model.generate_images(prompts, seed=seed, progress=progress, num_images_per_prompt=num_images,
                                    **dataclasses.asdict(used)).numpy()
     grid = image_grid(images, columns or num_images, scale)
