@@ -23,11 +23,9 @@ from common import write_results
 SIZE = 2048
 
 
-def measure_peak_gflops(threads: int, size: int = SIZE, repeats: int = 20, warmup: int = 3) -> float:
-    """Median GFLOP/s of ``size``^3 fp32 matmuls (2 * size^3 FLOPs each) with ``threads`` torch threads.
-
-    The previous thread count is restored afterwards, so a benchmark can call this first and then
-    time its model at the same setting."""
+def matmul_seconds(threads: int, size: int = SIZE, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``repeats`` timed ``size``^3 fp32 matmuls with ``threads`` torch threads, after
+    ``warmup`` untimed ones. The previous thread count is restored afterwards."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -42,9 +40,39 @@ def measure_peak_gflops(threads: int, size: int = SIZE, repeats: int = 20, warmu
             start = time.perf_counter()
             torch.mm(a, b, out=out)
             times.append(time.perf_counter() - start)
-        return 2 * size ** 3 / statistics.median(times) / 1e9
+        return times
     finally:
         torch.set_num_threads(previous)
+
+
+def measure_peak_gflops(threads: int, size: int = SIZE, repeats: int = 20, warmup: int = 3) -> float:
+    """Median GFLOP/s of ``size``^3 fp32 matmuls (2 * size^3 FLOPs each) with ``threads`` torch threads.
+
+    The previous thread count is restored afterwards, so a benchmark can call this first and then
+    time its model at the same setting."""
+    return 2 * size ** 3 / statistics.median(matmul_seconds(threads, size, repeats, warmup)) / 1e9
+
+
+class InterleavedPeak:
+    """The ceiling sampled through a benchmark's run: ``repeats`` matmuls at the start, then a few
+    more each time ``sample`` is called (between timed rounds), the figure being the median of all.
+
+    On a shared machine the matmul rate drifts by tens of percent over minutes; a ceiling measured only
+    before the model's steps would compare them with another moment's machine."""
+
+    def __init__(self, threads: int, repeats: int = 20, per_sample: int = 3):
+        self.threads, self.per_sample = threads, per_sample
+        self.times = matmul_seconds(threads, repeats=repeats)
+        self.first = len(self.times)
+
+    def sample(self) -> None:
+        self.times += matmul_seconds(self.threads, repeats=self.per_sample, warmup=1)
+
+    def gflops(self) -> float:
+        return 2 * SIZE ** 3 / statistics.median(self.times) / 1e9
+
+    def gflops_at_start(self) -> float:
+        return 2 * SIZE ** 3 / statistics.median(self.times[:self.first]) / 1e9
 
 
 def main() -> None:

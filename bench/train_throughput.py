@@ -24,7 +24,9 @@ Settings (keys of bench/results/train_throughput.json):
 Runs alternate (vlpt, OpenCLIP, vlpt, OpenCLIP, ...) after warm-up steps, and each figure is the median
 over repeats, so slow drift of the machine hits both libraries alike. FLOPs per image are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on one training step (forward + backward), and
-``mfu_train`` = achieved model FLOP/s / measured fp32 matmul peak (``bench/peak.py``, same threads).
+``mfu_train`` = achieved model FLOP/s / measured fp32 matmul peak (``bench/peak.py``, same threads, sampled
+before and between the timed rounds). The process first makes glibc keep freed memory, as vlpt's ``Trainer``
+does on the CPU (``keep_freed_cpu_memory``); that holds for OpenCLIP's steps in the same process too.
 
     .venv/bin/python bench/train_throughput.py [--threads 2] [--repeats 10] [--quick] [--no-compile]
 """
@@ -48,9 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_results
-from peak import measure_peak_gflops
+from peak import InterleavedPeak
 
 from vlpt.config import ImageTowerConfig, ModelConfig, TextTowerConfig, TrainConfig
+from vlpt.train.trainer import keep_freed_cpu_memory
 
 log = logging.getLogger("train_throughput")
 
@@ -216,8 +219,9 @@ def openclip_loss_step():
     return run
 
 
-def alternate(runners: list[Runner], repeats: int, warmup: int) -> None:
-    """Warm every runner up, then time them in turn: A, B, (C, D,) A, B, ... ``repeats`` rounds."""
+def alternate(runners: list[Runner], repeats: int, warmup: int, between: Callable[[], None] | None = None) -> None:
+    """Warm every runner up, then time them in turn: A, B, (C, D,) A, B, ... ``repeats`` rounds, calling
+    ``between`` (e.g. a peak sample) after each round."""
     for runner in runners:
         for _ in range(warmup):
             runner.step(timed=False)
@@ -225,6 +229,8 @@ def alternate(runners: list[Runner], repeats: int, warmup: int) -> None:
         for runner in (runners if r % 2 == 0 else runners[::-1]):  # alternate who goes first, too
             gc.collect()
             runner.step()
+        if between is not None:
+            between()
 
 
 def count_step_flops(runner: Runner) -> float:
@@ -256,7 +262,8 @@ def try_compile(model: torch.nn.Module, runner_factory: Callable[[torch.nn.Modul
 
 # ----------------------------------------------------------------------------- settings
 
-def bench_fixed(arch: str, args, captions: list[str], peak: float, figures: dict, config: dict) -> None:
+def bench_fixed(arch: str, args, captions: list[str], ceiling: InterleavedPeak, figures: dict, config: dict
+                ) -> None:
     """Fixed shapes: context 32, full-length tokens, same vocabulary; eager, and (ViT) compiled for `best`."""
     suffix = "" if arch == "vit" else f"_{arch}"
     batch, context = args.batch, 32
@@ -286,8 +293,10 @@ def bench_fixed(arch: str, args, captions: list[str], peak: float, figures: dict
             else:
                 runner.name = f"{name}_compiled"
                 compiled[name] = runner
-    alternate(runners + list(compiled.values()), args.repeats, args.warmup)
+    alternate(runners + list(compiled.values()), args.repeats, args.warmup, between=ceiling.sample)
+    peak = ceiling.gflops()
     ips = {r.name: r.images_per_s(batch) for r in runners}
+    figures[f"peak_gflops_fp32_for_mfu{suffix}"] = peak
     figures[f"train_ratio_vs_openclip_eager{suffix}"] = ips["vlpt"] / ips["openclip"]
     for name in ("vlpt", "openclip"):
         figures[f"{name}_images_per_s_eager{suffix}"] = ips[name]
@@ -362,7 +371,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
-    peak = measure_peak_gflops(args.threads, repeats=3 if args.quick else 20)
+    # vlpt's Trainer does this on the CPU; process-wide, so OpenCLIP's steps below get it too
+    keeps_memory = keep_freed_cpu_memory()
+    ceiling = InterleavedPeak(args.threads, repeats=3 if args.quick else 20)
     captions = shapes_captions(400 if args.quick else 2000)
     figures: dict = {}
     config: dict = {"batch": args.batch, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
@@ -377,17 +388,24 @@ def main() -> None:
                     "captions": "context 77, shapes-world captions; OpenCLIP tokenizer pads to 77 (49,408 vocab); "
                                 "vlpt trims each batch to its longest caption (WordPiece vocab from the captions)",
                     "images": "the same random normalised float (B, 3, 64, 64) for both",
-                    "peak": "bench/peak.py measure_peak_gflops, same threads, same run",
+                    "peak": "bench/peak.py InterleavedPeak: median of 2048^3 fp32 matmuls, 20 before the first "
+                            "setting and 3 after each timed round, same threads, same run (a fixed-shape "
+                            "setting's mfu uses the samples up to its end)",
+                    "cpu_memory": "glibc keeps freed memory (vlpt.train.trainer.keep_freed_cpu_memory, as vlpt's "
+                                  "Trainer does on the CPU), for the whole process: OpenCLIP's steps too"
+                                  if keeps_memory else "C library defaults (not glibc)",
                     "mfu": "mfu_train = vlpt's executed FLOPs per step (FlopCounterMode, forward + backward) "
                            "x steps/s / peak; *_nominal_flops counts the full computation of the shape instead",
                     "open_clip_torch": metadata.version("open_clip_torch")}
-    figures["peak_gflops_fp32"] = peak
     for arch in args.arch:
         log.info("fixed shapes: %s", arch)
-        bench_fixed(arch, args, captions, peak, figures, config)
+        bench_fixed(arch, args, captions, ceiling, figures, config)
     if not args.skip_captions:
         log.info("captions (context 77)")
         bench_captions(args, captions, figures, config)
+    figures["peak_gflops_fp32"] = ceiling.gflops()
+    figures["peak_gflops_fp32_at_start"] = ceiling.gflops_at_start()
+    figures["peak_matmuls_timed"] = len(ceiling.times)
     first = [k for k in ("train_ratio_vs_openclip_eager", "train_ratio_vs_openclip_captions",
                          "train_ratio_vs_openclip_best", "mfu_train") if k in figures]
     figures = {**{k: figures[k] for k in first}, **{k: v for k, v in figures.items() if k not in first}}

@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    keep_cpu_memory: bool = True  # CPU: malloc keeps freed memory for the next step (no page faults); process-wide
     compile: bool = False  # torch.compile the model for training; falls back to eager (with a warning) if it fails
     max_seconds: float = 0.0  # > 0: a time budget; training stops (and the model is saved) at the step reached
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; the final model is the average
