@@ -34,6 +34,31 @@ def machine_info() -> dict:
             "versions": versions, "date": datetime.date.today().isoformat()}
 
 
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU flash-attention kernels.
+
+    torch's counter knows the CUDA SDPA kernels only: ``F.scaled_dot_product_attention`` on the CPU runs
+    ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which it skips, so a transformer's
+    attention matmuls (~3% of the benchmark ViT step) went uncounted. They are counted here with torch's
+    own SDPA formulas (2 matmuls forward, 4 backward: model FLOPs, without the scores the flash kernel
+    recomputes in its backward), for every library alike."""
+    from torch.utils import flop_counter as fc
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        # the model's 4 backward matmuls; torch's formula adds the scores the flash kernel recomputes
+        b, h, s_q, d = query_shape
+        recomputed = fc.bmm_flop((b * h, s_q, d), (b * h, d, key_shape[2]))
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) - recomputed
+
+    aten = torch.ops.aten
+    return fc.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 def write_results(name: str, figures: dict, config: dict | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

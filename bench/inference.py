@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results
+from common import flop_counter, write_results
 from peak import measure_peak_gflops
 from train_throughput import (
     EMBED,
@@ -117,9 +117,7 @@ def time_alternating(calls: dict[str, Callable[[int], None]], repeats: int, warm
 
 
 def flops_of(fn: Callable[[], object]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.inference_mode():
         fn()
     return float(counter.get_total_flops())

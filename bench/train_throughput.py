@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_results
+from common import flop_counter, write_results
 from peak import InterleavedPeak
 
 from vlpt.config import ImageTowerConfig, ModelConfig, TextTowerConfig, TrainConfig
@@ -121,12 +121,12 @@ def openclip_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
                              lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
 
 
-def vlpt_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def vlpt_optimizer(model: torch.nn.Module, keep_cpu_memory: bool = True) -> torch.optim.Optimizer:
     """The optimizer vlpt's ``Trainer`` builds for this model (its defaults, CPU)."""
     from vlpt.train.tasks import ContrastiveTask
     from vlpt.train.trainer import Trainer
 
-    config = TrainConfig(device="cpu", grad_clip=0.0)
+    config = TrainConfig(device="cpu", grad_clip=0.0, keep_cpu_memory=keep_cpu_memory)
     return Trainer(ContrastiveTask(model), batches=None, config=config, run_dir=os.devnull).optimizer
 
 
@@ -235,9 +235,7 @@ def alternate(runners: list[Runner], repeats: int, warmup: int, between: Callabl
 
 def count_step_flops(runner: Runner) -> float:
     """FLOPs of one training step (forward + backward; the optimizer does no matmuls) on its next batch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     batch = runner.batches[runner.calls % len(runner.batches)]
     with counter:
         loss = runner.loss_step(runner.model, batch)
