@@ -214,8 +214,9 @@ def main() -> None:
         "first_batch_lengths": {"vlpt": int(first_batch["vlpt"]["input_ids"].shape[1]),
                                 "hf": int(first_batch["hf"]["input_ids"].shape[1]), "openclip": 77},
         "peak": "bench/peak.py measure_peak_gflops, same threads, same run",
-        "flops": "FlopCounterMode of one call; it does not see inside OpenCLIP's fused nn.MultiheadAttention "
-                 "inference path (_native_multi_head_attention), so OpenCLIP's count is low",
+        "flops": "common.flop_counter (FlopCounterMode + CPU flash attention) of one call; it does not see "
+                 "inside OpenCLIP's fused nn.MultiheadAttention inference path (_native_multi_head_attention), "
+                 "so OpenCLIP's count is low",
         "open_clip_torch": metadata.version("open_clip_torch"),
     }
     write_results("inference", figures, config)

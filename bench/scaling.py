@@ -12,7 +12,7 @@ Axes, each with the other two at the defaults (batch 128, image 64 px, text 32 t
 - batch 32, 64, 128, 256 (``step_ms_batch_<B>``, ``ms_per_sample_batch_<B>``);
 - image 32, 64, 128 px at patch 8, i.e. 16, 64, 256 image tokens (+ class token) (``*_image_<S>``);
 - text 16, 32, 64, 128 tokens (``*_text_<L>``).
-Each point's FLOPs per step (forward + backward, ``FlopCounterMode``) give ``gflop_per_step_*`` and
+Each point's FLOPs per step (forward + backward, ``common.flop_counter``) give ``gflop_per_step_*`` and
 ``achieved_gflops_*`` (GFLOP/s).
 
 Exponents (least-squares slope of log step time against log size over the axis's points):
@@ -136,7 +136,8 @@ def main() -> None:
                        "heads 4 mlp 1024 (mean pool); embedding 256",
               "inputs": "random normalised float images; full-length random tokens (no padding)",
               "exponent": "least-squares slope of log(step time) vs log(batch | image tokens (S/8)^2 | text length); "
-                          "*_flop_exponent*: the same for FLOPs per step (FlopCounterMode, forward + backward)",
+                          "*_flop_exponent*: the same for FLOPs per step (common.flop_counter: "
+                          "FlopCounterMode + CPU flash attention, forward + backward)",
               "vocab": runners[next(iter(runners))].model.tokenizer.vocab_size}
     write_results("scaling-quick" if args.quick else "scaling", figures, config)
 

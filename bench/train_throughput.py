@@ -23,7 +23,8 @@ Settings (keys of bench/results/train_throughput.json):
 
 Runs alternate (vlpt, OpenCLIP, vlpt, OpenCLIP, ...) after warm-up steps, and each figure is the median
 over repeats, so slow drift of the machine hits both libraries alike. FLOPs per image are counted with
-``torch.utils.flop_counter.FlopCounterMode`` on one training step (forward + backward), and
+``common.flop_counter`` (torch's ``FlopCounterMode`` plus the CPU flash-attention kernels it skips) on one
+training step (forward + backward), and
 ``mfu_train`` = achieved model FLOP/s / measured fp32 matmul peak (``bench/peak.py``, same threads, sampled
 before and between the timed rounds). The process first makes glibc keep freed memory, as vlpt's ``Trainer``
 does on the CPU (``keep_freed_cpu_memory``); that holds for OpenCLIP's steps in the same process too.
@@ -392,7 +393,8 @@ def main() -> None:
                     "cpu_memory": "glibc keeps freed memory (vlpt.train.trainer.keep_freed_cpu_memory, as vlpt's "
                                   "Trainer does on the CPU), for the whole process: OpenCLIP's steps too"
                                   if keeps_memory else "C library defaults (not glibc)",
-                    "mfu": "mfu_train = vlpt's executed FLOPs per step (FlopCounterMode, forward + backward) "
+                    "mfu": "mfu_train = vlpt's executed FLOPs per step (bench/common.py flop_counter: "
+                           "FlopCounterMode + CPU flash attention, forward + backward) "
                            "x steps/s / peak; *_nominal_flops counts the full computation of the shape instead",
                     "open_clip_torch": metadata.version("open_clip_torch")}
     for arch in args.arch:
