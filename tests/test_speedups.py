@@ -1,5 +1,6 @@
 """Correctness of the speed-ups (issue 7): each fast path gives the plain path's outputs, gradients and
-loss curve. Their speed is measured by bench/train_throughput.py and bench/inference.py, never here."""
+loss curve. Their speed is measured by bench/train_throughput.py, bench/cpu_memory.py and bench/inference.py,
+never here."""
 
 import json
 import os
