@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.conftest import tiny_model_config
+from tests.conftest import assert_close_to_scale, assert_same_grads, tiny_model_config
 from vlpt.factory import create_model, get_tokenizer
 from vlpt.losses import infonce_loss, siglip_loss, siglip_neighbour_loss
 from vlpt.train.distributed import (
@@ -134,12 +134,10 @@ def test_two_gloo_ranks_match_one_process(case, distributed_results):
     model = _model(loss, tokenizer)
     want_loss = _step(model, _global_batch(tokenizer), _loss_fn(loss, False, "gather", 0, 1), micro_batches=0)
 
-    torch.testing.assert_close(got["loss"], want_loss, atol=1e-5, rtol=0)
+    assert_close_to_scale(got["loss"], want_loss)
     names = [n for n, _ in model.named_parameters()]
     assert sorted(got["grads"]) == sorted(names)  # every parameter got a gradient in both runs
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got["grads"][name], p.grad, atol=1e-5, rtol=0,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_grads(got["grads"], {name: p.grad for name, p in model.named_parameters()})
 
 
 # ----------------------------------------------------------------------------- SigLIP ring on three ranks
