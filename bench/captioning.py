@@ -31,7 +31,7 @@ from common import print_table, write_results
 
 from vlpt.config import load_config
 from vlpt.data.shapes import default_cache_dir
-from vlpt.train.caption import run_caption
+from vlpt.train.run import run
 
 QUICK = ["train.steps=30", "train.warmup_steps=5", "data.train_size=1024", "caption.eval_size=60",
          "train.checkpoint_every=0"]
@@ -53,7 +53,7 @@ def main() -> None:
 
         start = time.perf_counter()
         shapes_config = load_config("caption-shapes", overrides)
-        shapes = run_caption(shapes_config, runs / "caption-shapes", overwrite=True, cache_dir=default_cache_dir())
+        shapes = run(shapes_config, runs / "caption-shapes", overwrite=True, cache_dir=default_cache_dir())
         figures["shapes_wall_seconds"] = time.perf_counter() - start
         for key in ("attr_acc_1obj", "attr_acc_2obj", "attr_acc_3obj"):  # the headline figures use beam search
             figures[key] = shapes[f"{key}_beam"]
@@ -70,7 +70,7 @@ def main() -> None:
 
         start = time.perf_counter()
         digits_config = load_config("caption-digits", overrides)
-        digits = run_caption(digits_config, runs / "caption-digits", overwrite=True, cache_dir=default_cache_dir())
+        digits = run(digits_config, runs / "caption-digits", overwrite=True, cache_dir=default_cache_dir())
         figures["digits_wall_seconds"] = time.perf_counter() - start
         figures |= {
             "digits_caption_acc": digits["digits_caption_acc_beam"],

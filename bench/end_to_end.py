@@ -228,9 +228,11 @@ class Library:
 
 
 def run_vlpt(lib: Library, kind: str, root: Path, args, workers: int, augment: bool = False) -> Run:
-    """vlpt's ``train`` data path for ``data.dataset=files|shards``: ``load_train_data`` + ``train_batches``."""
+    """vlpt's ``train`` data path for ``data.dataset=files|shards``: the contrastive task's ``load_data`` +
+    ``batches``."""
     from vlpt.config import DataConfig, RunConfig, TrainConfig
-    from vlpt.train.run import load_train_data, train_batches
+    from vlpt.tasks.contrastive import Contrastive
+    from vlpt.train.distributed import DistributedEnv
 
     path = root / ("files" if kind == "files" else "shards")
     config = RunConfig(data=DataConfig(dataset=kind, path=str(path), image_size=IMAGE_SIZE, num_workers=workers,
@@ -238,9 +240,9 @@ def run_vlpt(lib: Library, kind: str, root: Path, args, workers: int, augment: b
                        train=TrainConfig(batch_size=args.batch, steps=args.steps, device="cpu", seed=0))
     run = Run()
     start = time.perf_counter()
-    data = None if kind == "shards" else load_train_data(config)  # files: decode + resize every image, once
+    data = Contrastive().load_data(config, None)  # files: decode + resize every image, once; shards: streamed
     decoded = time.perf_counter()
-    batches = train_batches(config, data, lib.model.tokenizer, 0, 1)  # files: tokenizes every caption, once
+    batches = Contrastive().batches(config, data, lib.model, DistributedEnv())  # files: tokenizes every caption
     run.parts = {"decode": decoded - start, "tokenize": time.perf_counter() - decoded} if data is not None else {}
     per_epoch = batches.steps_per_epoch if kind == "shards" else len(data[0]) // args.batch
     epochs = ((batches.batch(e * per_epoch + s) for s in range(per_epoch)) for e in range(args.epochs))

@@ -25,7 +25,7 @@ from common import RESULTS, print_table, write_results
 from vlpt.config import apply_overrides, load_config
 from vlpt.data.shapes import QUESTION_TYPES, default_cache_dir
 from vlpt.models.fusion import FUSION_METHODS
-from vlpt.train.finetune import evaluate_finetune_run, finetune_config, fit_finetune
+from vlpt.tasks.finetune import finetune_config
 from vlpt.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,7 @@ def finetune(task: str, fusion: str | None, source: Path, runs: Path, overrides:
     config = apply_overrides(finetune_config(load_config("finetune"), task, fusion, source, freeze), overrides)
     name = f"{source.name}-{task}-{fusion or ('probe' if freeze else 'full')}"
     start = time.perf_counter()
-    metrics = run(config, runs / name, overwrite=True, cache_dir=default_cache_dir(),
-                  fit_fn=fit_finetune, evaluate_fn=evaluate_finetune_run)
+    metrics = run(config, runs / name, overwrite=True, cache_dir=default_cache_dir())
     return metrics, time.perf_counter() - start
 
 

@@ -35,7 +35,6 @@ from common import RESULTS, write_results
 
 from vlpt.config import load_config
 from vlpt.data.shapes import default_cache_dir
-from vlpt.train.generate import run_generate
 from vlpt.train.run import run
 
 QUICK = ["train.steps=20", "train.warmup_steps=5", "generate.eval_size=30", "generate.judge_steps=30",
@@ -61,7 +60,7 @@ def bench_generator(config_name: str, encoder: Path, runs_dir: Path, threads: in
     config = load_config(config_name, overrides)
     run_dir = runs_dir / config_name
     start = time.perf_counter()
-    metrics = run_generate(config, run_dir, overwrite=True, cache_dir=default_cache_dir())
+    metrics = run(config, run_dir, overwrite=True, cache_dir=default_cache_dir())
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["run_dir"] = str(run_dir)
     metrics["guidance"] = [f"{g:g}" for g in config.generate.guidance]  # the _g<scale> suffixes it reported

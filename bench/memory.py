@@ -59,7 +59,7 @@ def run_mode(mode: str, batch_size: int, micro_batch: int, steps: int, threads: 
     from vlpt.data.pairs import PairBatches
     from vlpt.data.shapes import sample_scene
     from vlpt.factory import create_model, get_tokenizer
-    from vlpt.train.tasks import ContrastiveTask
+    from vlpt.tasks.contrastive import ContrastiveTask
     from vlpt.train.trainer import Trainer
 
     if threads:

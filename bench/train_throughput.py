@@ -124,7 +124,7 @@ def openclip_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def vlpt_optimizer(model: torch.nn.Module, keep_cpu_memory: bool = True) -> torch.optim.Optimizer:
     """The optimizer vlpt's ``Trainer`` builds for this model (its defaults, CPU)."""
-    from vlpt.train.tasks import ContrastiveTask
+    from vlpt.tasks.contrastive import ContrastiveTask
     from vlpt.train.trainer import Trainer
 
     config = TrainConfig(device="cpu", grad_clip=0.0, keep_cpu_memory=keep_cpu_memory)
@@ -197,7 +197,7 @@ class Runner:
 
 
 def vlpt_loss_step():
-    from vlpt.train.tasks import ContrastiveTask
+    from vlpt.tasks.contrastive import ContrastiveTask
 
     tasks: dict[int, ContrastiveTask] = {}
 

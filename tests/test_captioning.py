@@ -24,13 +24,10 @@ from vlpt.factory import create_model
 from vlpt.io import ImageLoadError
 from vlpt.models.captioner import Captioner, load_captioner
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
-from vlpt.train.caption import (
-    CaptionTask,
-    CocaTask,
-    cmd_caption,
-    is_caption_run,
-    run_caption,
-)
+from vlpt.cli import cmd_caption
+from vlpt.tasks import get_task
+from vlpt.tasks.caption import CaptionTask, CocaTask
+from vlpt.train.run import run as run_caption
 from vlpt.train.trainer import Trainer
 
 BOS, EOS, PAD = 2, 3, 0  # the WordPiece tokenizer's [CLS], [SEP], [PAD] ids
@@ -325,14 +322,15 @@ def test_coca_run_then_a_decoder_on_the_frozen_dual_encoder(tmp_path):
 def test_task_dispatch_and_shipped_caption_configs():
     from vlpt.config import load_config
 
-    assert is_caption_run(load_config("caption-shapes")) and is_caption_run(load_config("caption-digits"))
-    assert not is_caption_run(load_config("tiny-shapes"))
+    assert get_task(load_config("caption-shapes").train.task).name == "coca"
+    assert get_task(load_config("caption-digits").train.task).name in ("caption", "coca")
+    assert get_task(load_config("tiny-shapes").train.task).name == "contrastive"
     with pytest.raises(ValueError, match="unknown train.task 'captions'; choose from contrastive, caption, coca"):
-        is_caption_run(load_config("tiny-shapes", ["train.task=captions"]))
+        get_task(load_config("tiny-shapes", ["train.task=captions"]).train.task)
 
 
 def test_a_stopped_coca_run_resumes_exactly(tmp_path):
-    from vlpt.train.caption import train_captioner
+    from vlpt.train.run import fit as train_captioner
 
     config = tiny_run_config(steps=4, **{"train.task": "coca", "caption.model.width": 32, "caption.model.layers": 1,
                                          "data.train_size": 64, "train.checkpoint_every": 2})

@@ -23,7 +23,9 @@ from vlpt.evaluate.vqa import vqa_accuracy
 from vlpt.factory import create_model, load_model, load_task_model
 from vlpt.models.fusion import FusionConfig
 from vlpt.models.task_model import TaskModel, TaskModelConfig
-from vlpt.train.finetune import evaluate_finetune_run, fit_finetune, mine_hard_negatives
+from vlpt.tasks.finetune import mine_hard_negatives
+from vlpt.train.run import evaluate_run as evaluate_finetune_run
+from vlpt.train.run import fit as fit_finetune
 
 CORPUS = [f"a {c} {s}" for c in shapes.COLOR_NAMES for s in shapes.SHAPES] + ["what color is the star?"]
 
@@ -198,9 +200,10 @@ def test_finetune_bad_input(pretrained, capsys):
 
 def test_zero_shot_head_init_predicts_like_zero_shot(pretrained):
     """A linear head started from the class-prompt embeddings predicts exactly what zero-shot does."""
-    from vlpt.evaluate.suite import embed_images, shapes_classifier
+    from vlpt.evaluate.scoring import embed_images
+    from vlpt.evaluate.suite import shapes_classifier
     from vlpt.evaluate.zero_shot import zero_shot_logits
-    from vlpt.train.finetune import build_task_model, load_task_data
+    from vlpt.tasks.finetune import build_task_model, load_task_data
 
     config = apply_overrides(tiny_run_config(), ["finetune.task=classify", "finetune.train_size=32",
                                                  "finetune.test_size=64"])

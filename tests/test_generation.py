@@ -26,7 +26,7 @@ from vlpt.evaluate.generation import (
     train_judge,
 )
 from vlpt.models.generator import images_to_pixels, load_generator
-from vlpt.train.generate import image_grid
+from vlpt.evaluate.report import image_grid
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -188,7 +188,7 @@ def test_generate_run_trains_evaluates_and_reports(generator_run):
 def test_generate_run_resumes_exactly(generator_run, tmp_path):
     """A run stopped at step 2 and resumed ends with the same weights as the uninterrupted run."""
     from vlpt.config import load_config
-    from vlpt.train.generate import train_generator
+    from vlpt.train.run import fit as train_generator
 
     config = load_config("generate-shapes", TINY)
     train_generator(config, tmp_path / "r", stop_after=2)

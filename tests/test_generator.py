@@ -19,7 +19,7 @@ from vlpt.models.generator import (
     load_generator,
     write_sampling,
 )
-from vlpt.train.generate import GenerateTask
+from vlpt.tasks.generate import GenerateTask
 from vlpt.train.trainer import Trainer
 
 CORPUS = ["a red circle", "a blue square", "a green star", "a large red circle in the top left"]

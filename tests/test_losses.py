@@ -23,7 +23,7 @@ from vlpt.losses import (
     siglip_loss,
     siglip_neighbour_loss,
 )
-from vlpt.train.tasks import ContrastiveTask
+from vlpt.tasks.contrastive import ContrastiveTask
 
 
 def _features(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

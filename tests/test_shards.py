@@ -20,12 +20,12 @@ from vlpt.data.shards import (
     ShardBatches,
     ShardReader,
     ShardReadError,
-    cmd_data_shards,
     plan_shards,
     read_samples,
     shard_captions,
     write_shards,
 )
+from vlpt.cli import cmd_data_shards
 from vlpt.tokenization import Tokenizer, train_wordpiece
 
 

@@ -1,4 +1,4 @@
-"""The ``vlpt`` command: a thin map of subcommands onto library functions.
+"""The ``vlpt`` command: a thin map of subcommands onto library functions. Every command lives here.
 
 ``main(argv)`` runs in-process, so tests drive train -> eval -> classify without a subprocess.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,34 +16,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlpt.config import ConfigError, list_configs, load_config
+from vlpt.config import ConfigError, apply_overrides, list_configs, load_config
+from vlpt.data import digits, shapes
 from vlpt.data.shapes import default_cache_dir
-from vlpt.io import ImageLoadError
+from vlpt.data.shards import read_index, write_shards
+from vlpt.data.transforms import images_as_batch
+from vlpt.evaluate.report import image_grid
+from vlpt.factory import load_dual_encoder
+from vlpt.io import ImageLoadError, atomic_write
+from vlpt.models.captioner import load_captioner
+from vlpt.models.decoding import DecodingConfig
 from vlpt.models.fusion import FUSION_METHODS
-from vlpt.models.task_model import TASKS
+from vlpt.models.generator import check_guidance_interval, load_generator
+from vlpt.models.task_model import load_task_model
+from vlpt.tasks.finetune import FINETUNE_TASKS, finetune_config
+from vlpt.train.run import CONFIG_FILE, evaluate_run, read_run_config, run
 
 DEFAULT_RUNS = Path("runs")
+DEFAULT_CONFIG = "tiny-shapes"
 
 
-def run_functions(cfg) -> tuple:
-    """(train-and-evaluate, evaluate) for the run's ``train.task``: contrastive | caption | coca | generate."""
-    from vlpt.train.caption import evaluate_caption_run, is_caption_run, run_caption
-    from vlpt.train.generate import evaluate_generate_run, is_generate_run, run_generate
-    from vlpt.train.run import evaluate_run, run
-
-    if is_caption_run(cfg):  # also rejects an unknown task, listing the choices
-        return run_caption, evaluate_caption_run
-    if is_generate_run(cfg):
-        return run_generate, evaluate_generate_run
-    return run, evaluate_run
-
-
-def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overwrite: bool,
+def cmd_train(config: str | None, name: str | None, runs_dir: Path, resume: bool, overwrite: bool,
               overrides: list[str]) -> dict:
-    cfg = load_config(config, overrides)
+    """Train ``config`` (default tiny-shapes) into RUNS_DIR/NAME, then evaluate. With ``resume`` and no
+    ``config`` the run's own config.yaml is the base the overrides apply to."""
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
     run_dir = runs_dir / (name or cfg.name)
-    train_fn, _ = run_functions(cfg)
-    metrics = train_fn(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
+    if resume and config is None and (run_dir / CONFIG_FILE).exists():
+        cfg = apply_overrides(read_run_config(run_dir), overrides)
+    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
     if metrics:  # empty on torchrun ranks other than 0, which write nothing
         print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
@@ -50,71 +52,50 @@ def cmd_train(config: str, name: str | None, runs_dir: Path, resume: bool, overw
 
 def cmd_finetune(task: str, fusion: str | None, from_run: Path | None, freeze_towers: bool, config: str,
                  name: str | None, runs_dir: Path, resume: bool, overwrite: bool, overrides: list[str]) -> dict:
-    from vlpt.config import apply_overrides
-    from vlpt.train.finetune import evaluate_finetune_run, finetune_config, fit_finetune
-    from vlpt.train.run import run
-
     if from_run is not None and not from_run.exists():
         raise FileNotFoundError(f"--from {from_run}: no such run or model folder")
     cfg = apply_overrides(finetune_config(load_config(config), task, fusion, from_run, freeze_towers), overrides)
     default_name = task if task == "classify" else f"{task}-{cfg.finetune.fusion}"
     run_dir = runs_dir / (name or default_name)
-    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir(),
-                  fit_fn=fit_finetune, evaluate_fn=evaluate_finetune_run)
-    print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
+    if metrics:
+        print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
 
 
 def cmd_ask(image: Path, question: str, model_dir: Path) -> tuple[str, float]:
-    from vlpt.factory import load_task_model
-
     answer, prob = load_task_model(model_dir).answer([image], [question])[0]
     print(f"{answer}  (p={prob:.3f})")
     return answer, prob
 
 
 def cmd_match(image: Path, caption: str, model_dir: Path) -> float:
-    from vlpt.factory import load_task_model
-
     prob = load_task_model(model_dir).match([image], [caption])[0]
     print(f"{'match' if prob > 0.5 else 'no match'}  (p={prob:.3f})")
     return prob
 
 
-def _is_task_run(run_dir: Path) -> bool:
-    config = run_dir / "model" / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("model_type") == "vlpt-task"
-
-
 def cmd_eval(run_dir: Path) -> dict:
-    from vlpt.train.finetune import evaluate_finetune_run
-    from vlpt.train.run import read_run_config
-
-    evaluate = evaluate_finetune_run if _is_task_run(run_dir) else run_functions(read_run_config(run_dir))[1]
-    metrics = evaluate(run_dir, cache_dir=default_cache_dir())
+    metrics = evaluate_run(run_dir, cache_dir=default_cache_dir())
     print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
 
 
 def cmd_demo(runs_dir: Path, overrides: list[str]) -> dict:
     """Train the embedded default (tiny-shapes) into runs/demo, evaluate, and write the report."""
-    return cmd_train("tiny-shapes", "demo", runs_dir, resume=False, overwrite=True, overrides=overrides)
+    return cmd_train(DEFAULT_CONFIG, "demo", runs_dir, resume=False, overwrite=True, overrides=overrides)
 
 
 def _load_images(paths: Sequence[Path], model) -> torch.Tensor:
-    from vlpt.data.transforms import images_as_batch
-
     image = model.config.image
     return images_as_batch(list(paths), image.image_size, image.mean, image.std)
 
 
 def cmd_classify(images: list[Path], labels: str, model_dir: Path) -> list[dict]:
-    from vlpt.factory import load_model
-
     names = [s.strip() for s in labels.split(",")]
     if len(names) < 2 or not all(names):
         raise ValueError("--labels needs at least two non-empty, comma-separated labels")
-    model = load_model(model_dir)
+    model = load_dual_encoder(model_dir)  # a dual encoder, or the one any saved model is built on
     with torch.inference_mode():
         image_features = model.encode_image(_load_images(images, model))
         text_features = model.encode_text(names)
@@ -130,11 +111,9 @@ def cmd_classify(images: list[Path], labels: str, model_dir: Path) -> list[dict]
 
 
 def cmd_embed(images: list[Path], texts: list[str], model_dir: Path, output: Path | None) -> np.ndarray:
-    from vlpt.factory import load_model
-
     if bool(images) == bool(texts):
         raise ValueError("give either --image paths or --text strings (one kind per call)")
-    model = load_model(model_dir)
+    model = load_dual_encoder(model_dir)
     with torch.inference_mode():
         features = model.encode_image(_load_images(images, model)) if images else model.encode_text(texts)
     array = features.numpy()
@@ -146,6 +125,90 @@ def cmd_embed(images: list[Path], texts: list[str], model_dir: Path, output: Pat
         for name, row in zip(images or texts, array):
             print(json.dumps({"input": str(name), "embedding": [round(float(v), 6) for v in row]}))
     return array
+
+
+def cmd_caption(images: list[Path], model_dir: Path, beam: int = 1, max_length: int | None = None,
+                strategy: str | None = None, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+                seed: int = 0) -> list[dict]:
+    """``vlpt caption IMAGE [IMAGE...]``: print one caption per image. Beam search when ``beam`` > 1
+    (unless ``strategy`` says otherwise); bad options fail before the model or images are loaded."""
+    decoding = DecodingConfig(strategy=strategy or ("beam" if beam > 1 else "greedy"), beam=beam,
+                              max_length=max_length, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed)
+    if not images:
+        raise ValueError("give at least one image to caption")
+    model = load_captioner(model_dir)
+    captions = model.generate_caption(list(images), decoding)
+    results = []
+    for path, text in zip(images, captions):
+        results.append({"image": str(path), "caption": text})
+        print(f"{path}: {text}")
+    return results
+
+
+def cmd_generate(prompts: Sequence[str], model_dir: Path, output: Path, num_images: int = 8, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, columns: int | None = None, scale: int = 4,
+                 progress: bool = True, eta: float | None = None,
+                 guidance_interval: Sequence[float] | None = None) -> Path:
+    """``vlpt generate "PROMPT" [-n 8] [--steps 30] [--guidance 3] [--eta 1] [--guidance-interval 0 0.6] -o out.png``:
+    a grid PNG of samples, ``num_images`` per prompt, one row per prompt (or ``columns`` per row). A sampling
+    option not given comes from the model's sampling.json (a trained run's best guidance). Bad options fail
+    before the model is loaded; the PNG is written to a temp file and renamed, so ``output`` is never
+    half-written."""
+    prompts = list(prompts)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("every prompt must be non-empty; describe the image in at least one word")
+    if num_images < 1:
+        raise ValueError(f"-n (images per prompt) must be at least 1, got {num_images}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    if guidance is not None and not guidance >= 0:
+        raise ValueError(f"--guidance must be >= 0 (0: unconditional, 1: no guidance), got {guidance}")
+    if eta is not None and not 0 <= eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {eta}")
+    if guidance_interval is not None:
+        guidance_interval = check_guidance_interval(guidance_interval, "--guidance-interval")
+    if scale < 1 or (columns is not None and columns < 1):
+        raise ValueError("--scale and --columns must be at least 1")
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {output}")
+    if output.exists() and output.is_dir():
+        raise ValueError(f"the output {output} is a folder; give a file name ending in .png")
+    model = load_generator(model_dir)
+    used = model.resolve_sampling(num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+                                  guidance_interval=guidance_interval)
+    images = model.generate_images(prompts, seed=seed, progress=progress, num_images_per_prompt=num_images,
+                                   **dataclasses.asdict(used)).numpy()
+    grid = image_grid(images, columns or num_images, scale)
+    atomic_write(output, lambda tmp: grid.save(tmp, format="PNG"))
+    lo, hi = used.guidance_interval
+    where = "" if (lo, hi) == (0, 1) else f" in [{lo:g}, {hi:g}]"
+    print(f"wrote {output} ({len(images)} images, {len(prompts)} prompt(s), {used.num_inference_steps} steps, "
+          f"guidance {used.guidance_scale:g}{where}, eta {used.eta:g}, seed {seed})")
+    return output
+
+
+def cmd_data_shards(src: str, out: Path, shard_size: int, split: str = "train", size: int = 1000,
+                    image_size: int = 64, overwrite: bool = False) -> list[Path]:
+    """``vlpt data shards SRC OUT``: SRC is an image folder (files copied as they are; ``split``,
+    ``size`` and ``image_size`` do not apply) or ``shapes`` / ``digits`` (rendered at ``image_size``;
+    shapes: ``size`` scenes of ``split``; digits: its fixed ``split``)."""
+    if src == "shapes":
+        source = shapes.ShapesDataset(shapes.ShapesConfig(split=split, size=size, image_size=image_size),
+                                      cache_dir=shapes.default_cache_dir())
+        names = shapes.CLASS_NAMES
+    elif src == "digits":
+        source = digits.DigitsDataset(digits.DigitsConfig(split=split, image_size=image_size))
+        names = digits.CLASS_NAMES
+    else:
+        if not Path(src).is_dir():
+            raise FileNotFoundError(f"{src}: not a folder, and not one of the built-in data sets shapes, digits")
+        source, names = Path(src), None
+    paths = write_shards(source, out, shard_size, class_names=names, overwrite=overwrite)
+    total = read_index(Path(out))["samples"]
+    names = paths[0].name if len(paths) == 1 else f"{paths[0].name}..{paths[-1].name}"
+    print(f"wrote {total} samples from {src} in {len(paths)} shard(s) of up to {shard_size} to {out}/{names}")
+    return paths
 
 
 def print_metrics(metrics: dict, where: str) -> None:
@@ -163,16 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a named config or YAML file, then evaluate it")
-    p.add_argument("--config", default="tiny-shapes", help=f"named config ({', '.join(list_configs())}) or a file")
+    p.add_argument("--config", help=f"named config ({', '.join(list_configs())}) or a file (default: {DEFAULT_CONFIG}; "
+                   f"with --resume: the run's own config.yaml)")
     p.add_argument("--name", help="run name (default: the config's name); the run goes to RUNS_DIR/NAME")
     p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint, with "
+                   "its own config (--set may change only train.steps, eval_every, log_every, checkpoint_every, "
+                   "keep_checkpoints, max_seconds, threads)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run once the new one completes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run with fusion and a task head, then evaluate")
-    p.add_argument("--task", required=True, choices=TASKS, help="classify: image -> class; match: image + caption "
+    p.add_argument("--task", required=True, choices=list(FINETUNE_TASKS), help="classify: image -> class; match: image + caption "
                    "-> yes/no; vqa: image + question -> answer")
     p.add_argument("--fusion", choices=FUSION_METHODS, help="how image and text meet (match, vqa); default cross")
     p.add_argument("--from", dest="from_run", type=Path, help="pre-trained run or model folder (default: from scratch)")
@@ -279,20 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "embed":
             cmd_embed(args.images, args.texts, args.model, args.output)
         elif args.command == "caption":
-            from vlpt.train.caption import cmd_caption
-
             cmd_caption(args.images, args.model, beam=args.beam, max_length=args.max_length,
                         strategy="sample" if args.sample else None, top_k=args.top_k, top_p=args.top_p,
                         temperature=args.temperature, seed=args.seed)
         elif args.command == "generate":
-            from vlpt.train.generate import cmd_generate
-
             cmd_generate(args.prompts, args.model, args.output, num_images=args.num_images, steps=args.steps,
                          guidance=args.guidance, seed=args.seed, scale=args.scale, eta=args.eta,
                          guidance_interval=args.guidance_interval)
         elif args.command == "data" and args.data_command == "shards":
-            from vlpt.data.shards import cmd_data_shards
-
             cmd_data_shards(args.src, args.out, args.shard_size, args.split, args.size, args.image_size, args.overwrite)
         elif args.command == "configs":
             print("\n".join(list_configs()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any, TypeVar, get_type_hints
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+log = logging.getLogger(__name__)
+# Keys that moved: an override of the old name still works, read at its new place (with a warning).
+MOVED_KEYS = {"finetune.task": "train.task"}
 
 
 @dataclass
@@ -63,7 +67,7 @@ class DataConfig:
     image_size: int = 64
     num_captions: int = 5  # captions per image
     seed: int = 0  # data seed (scene sampling and rendering)
-    augment: bool = False  # digits only: small random shifts; shapes keep positions exact
+    augment: bool = False  # digits and files: random shifts of up to 3 px (shapes: positions are in the captions)
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
     count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # shapes train set: odds of 1, 2, 3 objects
     num_workers: int = 2  # shards: DataLoader worker processes per rank decoding images
@@ -258,6 +262,9 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         path, raw = item.split("=", 1)
+        if path in MOVED_KEYS:
+            log.warning("%s is now %s; reading the override there", path, MOVED_KEYS[path])
+            path = MOVED_KEYS[path]
         node = data
         keys = path.split(".")
         for key in keys[:-1]:
@@ -285,6 +292,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
                           f"named configs: {', '.join(list_configs())}")
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if isinstance(data, dict) and isinstance(data.get("finetune"), dict) and "task" in data["finetune"]:
+        # Written before train.task named every run's kind; a run folder's model says which task it was.
+        data["finetune"] = {k: v for k, v in data["finetune"].items() if k != "task"}
     config = from_dict(RunConfig, data, where=path.name)
     return apply_overrides(config, overrides or [])
 

@@ -1,27 +1,59 @@
-"""The entry points: create a model from a config, load a saved one, get its tokenizer and transform."""
+"""The entry points: create a model from a config, load any saved vlpt model, get its tokenizer and transform."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vlpt.config import ModelConfig
 from vlpt.data.transforms import image_transform as _image_transform
-from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder
+from vlpt.models import captioner, generator, task_model
+from vlpt.models.captioner import Captioner, load_captioner
+from vlpt.models.dual_encoder import DualEncoder, find_model_dir, read_model_config
+from vlpt.models.generator import TextToImageGenerator, load_generator
+from vlpt.models.task_model import TaskModel, load_task_model
 from vlpt.models.text_towers import resolve_pretrained
 from vlpt.tokenization import Tokenizer, train_wordpiece
+
+__all__ = ["MODEL_KINDS", "create_model", "find_model_dir", "get_tokenizer", "image_transform", "load",
+           "load_captioner", "load_dual_encoder", "load_generator", "load_model", "load_task_model", "model_kind"]
+
+# config.json's "model_type" -> the class that loads the folder; a dual encoder's config has none.
+MODEL_KINDS: dict[str | None, type[nn.Module]] = {
+    None: DualEncoder,
+    task_model.MODEL_TYPE: TaskModel,
+    captioner.MODEL_TYPE: Captioner,
+    generator.MODEL_TYPE: TextToImageGenerator,
+}
+
+
+def model_kind(path: str | Path) -> type[nn.Module]:
+    """The class of the model saved in ``path`` (a model folder or a run folder), from its config.json."""
+    directory = find_model_dir(path)
+    kind = read_model_config(directory).get("model_type")
+    if kind not in MODEL_KINDS:
+        known = ", ".join(k for k in MODEL_KINDS if k)
+        raise ValueError(f"{directory} holds an unknown kind of model ({kind!r}); vlpt saves a dual encoder "
+                         f"(no model_type) or one of {known}")
+    return MODEL_KINDS[kind]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Any saved vlpt model (dual encoder, fine-tuned task model, captioner, generator), from its folder or
+    its run folder, as the object its config.json says it is."""
+    return model_kind(path).from_pretrained(find_model_dir(path), device=device)
 
 
 def get_tokenizer(config: ModelConfig | str | Path, corpus: Iterable[str] | None = None) -> Tokenizer:
     """The tokenizer of a saved model (folder), of a pretrained text tower, or one trained on ``corpus``."""
     if isinstance(config, (str, Path)):
-        return load_model(config).tokenizer
+        return load_dual_encoder(config).tokenizer
     text = config.text
     if text.pretrained:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # transformers is slow to import; only pretrained towers need it
 
         return Tokenizer(AutoTokenizer.from_pretrained(resolve_pretrained(text.pretrained)), text.context_length)
     if corpus is None:
@@ -41,32 +73,23 @@ def create_model(config: ModelConfig, tokenizer: Tokenizer | None = None,
     return DualEncoder(config, tokenizer)
 
 
-def find_model_dir(path: str | Path) -> Path:
-    """A model folder, or a run folder holding ``model/``."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / CONFIG_NAME).exists():
-            return candidate
-    raise FileNotFoundError(f"no vlpt model in {path} (expected {CONFIG_NAME} there or in {path / 'model'})")
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
-    """Load a model saved with ``save_pretrained`` (or the final model of a run folder)."""
-    directory = find_model_dir(path)
-    kind = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
-    if kind == "vlpt-task":
-        raise ValueError(f"{path} holds a fine-tuned task model: load it with vlpt.load_task_model")
-    if kind == "vlpt-captioner":
-        raise ValueError(f"{path} holds a captioner: load it with vlpt.models.load_captioner (its dual encoder "
-                         f"is in the run's dual_encoder/ folder)")
-    return DualEncoder.from_pretrained(directory, device=device)
+    """A dual encoder saved with ``save_pretrained`` (or the final model of a run folder); another kind of
+    model is an error that names the loader to use (``load`` takes any kind)."""
+    kind = model_kind(path)
+    if kind is not DualEncoder:
+        raise ValueError(f"{path} holds a {kind.__name__}, not a dual encoder: load it with vlpt.load "
+                         f"(a captioner's or generator's dual encoder: vlpt.factory.load_dual_encoder)")
+    return DualEncoder.from_pretrained(find_model_dir(path), device=device)
 
 
-def load_task_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a fine-tuned task model (``vlpt finetune``: classify, match or vqa) from its folder or run."""
-    from vlpt.models.task_model import TaskModel
-
-    return TaskModel.from_pretrained(find_model_dir(path), device=device)
+def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
+    """The dual encoder of any saved model: a dual encoder itself, or the one a task model, captioner or
+    generator is built on (e.g. to fine-tune or evaluate a captioner's towers)."""
+    model = load(path, device)
+    if isinstance(model, DualEncoder):
+        return model
+    return model.encoder if isinstance(model, TaskModel) else model.dual_encoder
 
 
 def image_transform(model_or_config: DualEncoder | ModelConfig):

@@ -230,31 +230,6 @@ def write_shards(source, out_dir: str | Path, shard_size: int = 1000, *, caption
     return paths
 
 
-def cmd_data_shards(src: str, out: Path, shard_size: int, split: str = "train", size: int = 1000,
-                    image_size: int = 64, overwrite: bool = False) -> list[Path]:
-    """``vlpt data shards SRC OUT``: SRC is an image folder (files copied as they are; ``split``,
-    ``size`` and ``image_size`` do not apply) or ``shapes`` / ``digits`` (rendered at ``image_size``;
-    shapes: ``size`` scenes of ``split``; digits: its fixed ``split``)."""
-    from vlpt.data import digits, shapes
-
-    if src == "shapes":
-        source = shapes.ShapesDataset(shapes.ShapesConfig(split=split, size=size, image_size=image_size),
-                                      cache_dir=shapes.default_cache_dir())
-        names = shapes.CLASS_NAMES
-    elif src == "digits":
-        source = digits.DigitsDataset(digits.DigitsConfig(split=split, image_size=image_size))
-        names = digits.CLASS_NAMES
-    else:
-        if not Path(src).is_dir():
-            raise FileNotFoundError(f"{src}: not a folder, and not one of the built-in data sets shapes, digits")
-        source, names = Path(src), None
-    paths = write_shards(source, out, shard_size, class_names=names, overwrite=overwrite)
-    total = read_index(Path(out))["samples"]
-    names = paths[0].name if len(paths) == 1 else f"{paths[0].name}..{paths[-1].name}"
-    print(f"wrote {total} samples from {src} in {len(paths)} shard(s) of up to {shard_size} to {out}/{names}")
-    return paths
-
-
 # ----------------------------------------------------------------------------- finding shards
 
 def read_index(directory: Path) -> dict | None:

@@ -1,5 +1,5 @@
 """Caption evaluation: BLEU-4 and CIDEr-D from the COCO caption metrics, exact attribute scores in the
-shapes world, digit naming on real digits, and the CLIP-score of generated captions.
+shapes world and digit naming on real digits (the CLIP-score is ``vlpt.evaluate.scoring.clip_score``).
 
 BLEU and CIDEr-D come from ``pycocoevalcap`` (the maintained Python 3 port of the official
 coco-caption code): its ``Bleu(4)`` and ``Cider`` scorers; ``Cider`` there is CIDEr-D (clipped
@@ -10,26 +10,20 @@ becomes "hand written"), split on whitespace. Candidates and references get the 
 CIDEr-D's document frequencies come from the references of the images scored together, so compare
 scores only over the same image set (and never score a single image: its IDF is zero).
 
-Pure functions over strings; nothing here touches a model except ``clip_score``.
+Pure functions over strings; nothing here touches a model.
 """
 
 from __future__ import annotations
 
 import re
-import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from vlpt.data.digits import DIGIT_WORDS
 from vlpt.data.shapes import COLOR_NAMES, SHAPE_SYNONYMS, Scene
-from vlpt.io import atomic_write
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -153,59 +147,3 @@ def digit_caption_accuracy(candidates: Sequence[str], labels: Sequence[int]) -> 
     if len(candidates) != len(labels):
         raise ValueError(f"{len(candidates)} captions but {len(labels)} labels")
     return float(np.mean([digits_named(text) == {int(label)} for text, label in zip(candidates, labels)]))
-
-
-# ----------------------------------------------------------------------------- CLIP-score
-
-@torch.inference_mode()
-def clip_score(dual_encoder, images: np.ndarray | torch.Tensor, captions: Sequence[str],
-               batch_size: int = 256) -> float:
-    """Mean cosine similarity between each image and its caption in the dual encoder's space (the
-    raw CLIP-score, without CLIPScore's 2.5 scale and clipping at 0). An empty caption scores 0."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    device = dual_encoder.logit_scale.device
-    scores = []
-    for start in range(0, len(captions), batch_size):
-        chunk = images[start:start + batch_size]
-        chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
-        texts = list(captions[start:start + batch_size])
-        keep = [i for i, t in enumerate(texts) if t.strip()]
-        sims = torch.zeros(len(texts))
-        if keep:
-            image_features = dual_encoder.encode_image(chunk[keep].to(device)).float().cpu()  # (K, D)
-            text_features = dual_encoder.encode_text([texts[i] for i in keep]).float().cpu()  # (K, D)
-            sims[keep] = (image_features * text_features).sum(-1)
-        scores.append(sims)
-    return float(torch.cat(scores).mean())
-
-
-# ----------------------------------------------------------------------------- report figure
-
-def plot_captions(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], path: str | Path,
-                  correct: Sequence[bool] | None = None, columns: int = 4,
-                  labels: Sequence[str] = ("greedy", "beam")) -> Path:
-    """A grid of images, each titled with its generated caption(s) (one line per decoding strategy).
-    ``correct`` frames each image green (attributes right) or red."""
-    path = Path(path)
-    n = len(images)
-    rows = max(1, -(-n // columns))
-    fig = Figure(figsize=(3.2 * columns, 4.3 * rows))  # room above each image for a few caption lines
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.set_axis_off()
-            continue
-        ax.imshow(np.asarray(images[k]), interpolation="nearest")
-        lines = [textwrap.fill(f"{label}: {text}", width=38) for label, text in zip(labels, captions[k])]
-        ax.set_title("\n".join(lines), fontsize=7, loc="left")
-        if correct is not None:
-            for spine in ax.spines.values():
-                spine.set_edgecolor("limegreen" if correct[k] else "red")
-                spine.set_linewidth(4)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # written aside and renamed
-    return path

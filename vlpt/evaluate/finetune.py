@@ -9,7 +9,7 @@ import torch
 from vlpt.data import shapes
 from vlpt.data.finetune import flatten_questions, signature_ids, swapped_captions
 from vlpt.evaluate.matching import matching_accuracy
-from vlpt.evaluate.suite import EvalResult
+from vlpt.evaluate.report import EvalResult
 from vlpt.evaluate.vqa import vqa_accuracy
 from vlpt.evaluate.zero_shot import accuracy, confusion_matrix
 from vlpt.models.task_model import TaskModel
@@ -45,26 +45,23 @@ def pair_logits(model: TaskModel, image_features: dict[str, torch.Tensor], text_
     return torch.cat(out)
 
 
-def evaluate_task_model(model: TaskModel, test, batch_size: int = 256) -> EvalResult:
-    """Metrics of ``model`` on ``test`` (a ShapesDataset, or DigitsDataset for classify)."""
+def evaluate_classifier(model: TaskModel, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
+                        ) -> EvalResult:
+    """Top-1 / top-5 of a classify model on labeled images, with its confusion matrix."""
     model.eval()
-    task = model.config.task
-    if task == "classify":
-        images = _encode_images(model, test.images, batch_size)
-        with torch.inference_mode():
-            logits = model.head(images["image_embed"])
-        labels = torch.from_numpy(test.labels)
-        metrics = accuracy(logits, labels, topk=(1, 5), prefix="classify_")
-        confusion = confusion_matrix(logits.argmax(1), labels, len(model.config.outputs))
-        return EvalResult(metrics, confusion, model.config.outputs)
-    if task == "vqa":
-        return EvalResult(evaluate_vqa(model, test.images, test.scenes, batch_size))
-    return EvalResult(evaluate_matching(model, test.images, test.scenes, batch_size))
+    features = _encode_images(model, images, batch_size)
+    with torch.inference_mode():
+        logits = model.head(features["image_embed"])
+    labels = torch.from_numpy(labels)
+    metrics = accuracy(logits, labels, topk=(1, 5), prefix="classify_")
+    return EvalResult(metrics, confusion_matrix(logits.argmax(1), labels, len(model.config.outputs)),
+                      model.config.outputs)
 
 
 def evaluate_vqa(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256
                  ) -> dict[str, float]:
     """Accuracy over every question of every scene, overall and per question type."""
+    model.eval()
     questions, owner, answers, types = flatten_questions(scenes)
     image_features = _encode_images(model, images, batch_size)
     text_features = _encode_texts(model, questions, batch_size)
@@ -82,6 +79,7 @@ def evaluate_matching(model: TaskModel, images: np.ndarray, scenes: list[shapes.
     scene (``match_accuracy_swapped``), the most similar caption of another scene by the model's own
     contrastive embeddings (``_hard``), and a random other scene's caption (``_random``). Other
     scenes' captions only count as false when their (color, shape) multiset differs."""
+    model.eval()
     n = len(scenes)
     rng = np.random.default_rng(EVAL_SEED)
     true = [s.captions[int(rng.integers(len(s.captions)))] for s in scenes]

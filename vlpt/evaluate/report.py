@@ -13,15 +13,28 @@ import os
 import re
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from vlpt.io import atomic_write
 
 RetrievalExample = tuple[str, Sequence[np.ndarray], Sequence[bool]]
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation gives its run's report: flat metrics and the figures' data."""
+    metrics: dict[str, float]
+    confusion: np.ndarray | None = None
+    class_names: Sequence[str] = ()
+    retrieval_examples: list[RetrievalExample] = field(default_factory=list)
+    images: dict[str, Path] = field(default_factory=dict)  # report section title -> a figure already written
+
 
 # Metric-name tokens whose values are fractions, shown as percentages in report.md.
 _FRACTION_TOKEN = re.compile(r"^(top\d+|r\d+|acc|accuracy|recall|precision|f1|vqa)$")
@@ -114,7 +127,7 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str] | None, pat
                     ax.text(j, i, f"{int(confusion[i, j])}", ha="center", va="center", fontsize=8,
                             color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_title(f"zero-shot confusion ({n} classes, rows normalised)")
+    ax.set_title(f"confusion ({n} classes, rows normalised)")
     _save(fig, path)
     return path
 
@@ -144,6 +157,69 @@ def plot_retrieval(examples: Sequence[RetrievalExample], path: Path) -> Path:
     return path
 
 
+def plot_captions(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], path: str | Path,
+                  correct: Sequence[bool] | None = None, columns: int = 4,
+                  labels: Sequence[str] = ("greedy", "beam")) -> Path:
+    """A grid of images, each titled with its generated caption(s) (one line per decoding strategy).
+    ``correct`` frames each image green (attributes right) or red."""
+    path = Path(path)
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig = Figure(figsize=(3.2 * columns, 4.3 * rows))  # room above each image for a few caption lines
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        ax.imshow(np.asarray(images[k]), interpolation="nearest")
+        lines = [textwrap.fill(f"{label}: {text}", width=38) for label, text in zip(labels, captions[k])]
+        ax.set_title("\n".join(lines), fontsize=7, loc="left")
+        if correct is not None:
+            for spine in ax.spines.values():
+                spine.set_edgecolor("limegreen" if correct[k] else "red")
+                spine.set_linewidth(4)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # written aside and renamed
+    return path
+
+
+def plot_samples(rows: Sequence[np.ndarray], titles: Sequence[str], path: str | Path,
+                 column_labels: Sequence[str] | None = None) -> Path:
+    """One row per title, its images (S, H, W, 3) side by side; written atomically."""
+    columns = max(len(r) for r in rows)
+    fig = Figure(figsize=(1.6 * columns + 2.6, 1.7 * len(rows)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for i, (images, title) in enumerate(zip(rows, titles)):
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(images):
+                ax.set_axis_off()
+                continue
+            ax.imshow(np.asarray(images[j]), interpolation="nearest")
+            if i == 0 and column_labels:
+                ax.set_title(column_labels[j], fontsize=8)
+        axes[i][0].set_ylabel(textwrap.fill(title, 22), fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 1) -> Image.Image:
+    """uint8 (N, H, W, 3) -> one PIL image, ``columns`` per row, each enlarged ``scale`` times (nearest)."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    canvas = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    grid = Image.fromarray(canvas)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+
+
 def _metrics_table(metrics: Mapping[str, object]) -> str:
     lines = ["| metric | value |", "|---|---|"]
     for key in sorted(metrics):
@@ -159,9 +235,11 @@ def write_report(
     class_names: Sequence[str] | None = None,
     retrieval_examples: Sequence[RetrievalExample] | None = None,
     extra_images: Mapping[str, str | Path] | None = None,
+    summary: Mapping[str, object] | None = None,
 ) -> Path:
     """Write ``metrics.json``, ``report.md`` and its plots into ``run_dir``; return the report's path.
 
+    ``summary``: what was run (task, model, data, budget), listed under the title.
     ``history``: JSONL-style rows with ``step`` and ``loss`` (``lr`` optional) -> ``loss.png``.
     ``confusion``: (C, C) counts, row = true class -> ``confusion.png``.
     ``retrieval_examples``: (query text, top-k HxWx3 uint8 images, k is-correct flags) -> ``retrieval.png``.
@@ -171,13 +249,16 @@ def write_report(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(run_dir / "metrics.json", metrics)  # first: a bad metric aborts before any plot
 
-    sections = [f"# Evaluation report: {run_dir.resolve().name}", "", "## Metrics", "", _metrics_table(metrics), ""]
+    sections = [f"# Evaluation report: {run_dir.resolve().name}", ""]
+    if summary:
+        sections += [f"- {key}: {value}" for key, value in summary.items()] + [""]
+    sections += ["## Metrics", "", _metrics_table(metrics), ""]
     if history and any("loss" in r and "step" in r for r in history):
         plot_loss(history, run_dir / "loss.png")
         sections += ["## Training loss", "", "![loss](loss.png)", ""]
     if confusion is not None:
         plot_confusion(confusion, class_names, run_dir / "confusion.png")
-        sections += ["## Zero-shot confusion matrix", "", "![confusion](confusion.png)", ""]
+        sections += ["## Confusion matrix", "", "![confusion](confusion.png)", ""]
     if retrieval_examples:
         plot_retrieval(retrieval_examples, run_dir / "retrieval.png")
         sections += ["## Retrieval examples", "", "![retrieval](retrieval.png)", ""]
@@ -190,3 +271,18 @@ def write_report(
     text = "\n".join(sections)
     atomic_write(report, lambda tmp: tmp.write_text(text))
     return report
+
+
+def write_model_card(model_dir: str | Path, title: str, facts: Mapping[str, object],
+                     metrics: Mapping[str, object] | None = None, load_as: str = "vlpt.load") -> Path:
+    """``README.md`` in a saved model folder: what the model is, what it was trained on and how well it did,
+    and how to load it (the model-card habit of the Hugging Face hub)."""
+    model_dir = Path(model_dir)
+    lines = [f"# {title}", ""] + [f"- {key}: {value}" for key, value in facts.items()] + [""]
+    if metrics:
+        lines += ["## Metrics (held-out data unless the name says train)", "", _metrics_table(metrics), ""]
+    lines += ["## How to load", "", "```python", "import vlpt", "",
+              f'model = {load_as}("{model_dir.name}")  # this folder, or the run folder holding it', "```", "",
+              "From the command line: `vlpt eval RUN_FOLDER` re-evaluates a run; see `vlpt --help` for the "
+              "commands that use a model (classify, embed, caption, generate, ask, match).", ""]
+    return atomic_write(model_dir / "README.md", lambda tmp: tmp.write_text("\n".join(lines)))

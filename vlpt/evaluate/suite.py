@@ -1,4 +1,5 @@
-"""Evaluation suites: build the held-out sets of a data set, embed them, and call the pure evaluators.
+"""The dual encoder's evaluation suite: build the held-out sets of the run's data set, embed them, and call
+the pure evaluators (zero-shot, retrieval, linear probe).
 
 Returns flat metrics plus the artefacts the report plots (confusion matrix, retrieval examples).
 """
@@ -6,16 +7,18 @@ Returns flat metrics plus the artefacts the report plots (confusion matrix, retr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from vlpt.config import DataConfig, EvalConfig
-from vlpt.data import digits, files, shapes
+from vlpt.data import digits, shapes
+from vlpt.data.splits import load_split
 from vlpt.evaluate.linear_probe import linear_probe
+from vlpt.evaluate.report import EvalResult
 from vlpt.evaluate.retrieval import retrieval_metrics, text_to_image_examples
+from vlpt.evaluate.scoring import embed_images, embed_texts
 from vlpt.evaluate.zero_shot import (
     COLOR_CLASS_NAMES,
     SHAPE_CLASS_NAMES,
@@ -27,69 +30,6 @@ from vlpt.evaluate.zero_shot import (
     zero_shot_logits,
 )
 from vlpt.models.dual_encoder import DualEncoder
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    confusion: np.ndarray | None = None
-    class_names: Sequence[str] = ()
-    retrieval_examples: list[Any] = field(default_factory=list)
-
-
-@torch.inference_mode()
-def embed_images(model: DualEncoder, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    device = model.logit_scale.device
-    out = [model.encode_image(torch.from_numpy(images[i:i + batch_size]).to(device)).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)  # (N, D)
-
-
-@torch.inference_mode()
-def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-    out = [model.encode_text(list(texts[i:i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
-    return torch.cat(out)  # (N, D)
-
-
-def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = False, cache_dir=None):
-    """A split of the run's data set: shapes scenes (1-3 objects, or single-object), digits, or the
-    user's own data (``files`` / ``shards``, see ``load_user_split``).
-    The training-only shapes options (twins, count weights) apply to the multi-object train split."""
-    if data.dataset in ("files", "shards"):
-        return load_user_split(data, split, size)
-    if data.dataset == "shapes":
-        train_only = {}
-        if split == "train" and not single:
-            train_only = dict(twins=data.twins, count_weights=data.count_weights)
-        return shapes.ShapesDataset(shapes.ShapesConfig(
-            split=split, size=size, image_size=data.image_size, min_objects=1, max_objects=1 if single else 3,
-            num_captions=data.num_captions, seed=data.seed, **train_only), cache_dir=cache_dir)
-    if data.dataset == "digits":
-        return digits.DigitsDataset(digits.DigitsConfig(split=split, image_size=data.image_size,
-                                                        num_captions=data.num_captions))
-    raise ValueError(f"unknown dataset {data.dataset!r}; choose from digits, files, shapes, shards")
-
-
-def load_user_split(data: DataConfig, split: str, size: int = 1000):
-    """The user's own data. ``train`` is ``data.path``: for files every image of the folder (``size``
-    does not apply), for shards the first ``size`` readable samples in shard order. ``test`` / ``val``
-    is the image folder ``data.eval_path`` (every image); without one there is no held-out split and
-    asking for it is an error (``evaluate_user_data`` then evaluates on the training data, saying so)."""
-    from vlpt.data import shards  # lazy: webdataset is only needed for shards
-
-    if split == "train":
-        if not data.path:
-            raise ValueError(f"data.dataset={data.dataset} needs data.path (an image folder"
-                             f"{'' if data.dataset == 'files' else ' or shards'}), e.g. --set data.path=DIR")
-        if data.dataset == "files":
-            return files.FilesDataset(data.path, image_size=data.image_size)
-        return shards.read_samples(data.path, size, data.image_size, data.max_consecutive_failures)
-    if split in ("test", "val"):
-        if not data.eval_path:
-            raise ValueError(f"data.dataset={data.dataset} has no held-out {split} split; set data.eval_path "
-                             f"to an image folder with a captions file")
-        return files.FilesDataset(data.eval_path, image_size=data.image_size)
-    raise ValueError(f"unknown split {split!r} for data.dataset={data.dataset}; choose from train, test, val")
 
 
 def shapes_classifier(model: DualEncoder) -> torch.Tensor:

@@ -29,10 +29,7 @@ from torch import nn
 from vlpt.config import CaptionerConfig
 from vlpt.data.transforms import images_as_batch
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
-from vlpt.models.dual_encoder import (
-    BuiltOnEncoder,
-    DualEncoder,
-)
+from vlpt.models.dual_encoder import BuiltOnEncoder, DualEncoder, find_model_dir
 from vlpt.models.fusion import Attention
 
 __all__ = ["CaptionDecoder", "Captioner", "CaptionerConfig", "DecodingConfig", "load_captioner"]
@@ -267,6 +264,4 @@ class Captioner(BuiltOnEncoder, nn.Module):
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Captioner:
     """A captioner saved with ``save_pretrained``, or the final model of a caption/coca run folder."""
-    from vlpt.factory import find_model_dir
-
     return Captioner.from_pretrained(find_model_dir(path), device=device)

@@ -182,6 +182,15 @@ def write_model_files(directory: Path, config: dict, model: nn.Module, tokenizer
         tokenizer.save_pretrained(directory / TOKENIZER_DIR)
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """A model folder, or a run folder holding ``model/``."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG_NAME).exists():
+            return candidate
+    raise FileNotFoundError(f"no vlpt model in {path} (expected {CONFIG_NAME} there or in {path / 'model'})")
+
+
 def read_model_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.exists():

@@ -41,10 +41,7 @@ from tqdm.auto import tqdm
 
 from vlpt.config import GeneratorConfig, SamplingConfig, from_dict, to_dict
 from vlpt.io import atomic_write_text
-from vlpt.models.dual_encoder import (
-    BuiltOnEncoder,
-    DualEncoder,
-)
+from vlpt.models.dual_encoder import BuiltOnEncoder, DualEncoder, find_model_dir
 
 __all__ = ["GeneratorConfig", "SamplingConfig", "TextToImageGenerator", "check_guidance_interval", "check_sampling",
            "classifier_free_guidance", "load_generator"]
@@ -273,20 +270,24 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
 
     # ------------------------------------------------------------------ training
     def training_loss(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Noise-prediction MSE (or v-prediction MSE) on uint8 images (B, H, W, 3) and their captions' tokens.
 
         ``generator`` (a CPU torch.Generator) draws the noise, the timesteps and the condition dropout,
-        so a run is reproducible and resumable."""
+        so a run is reproducible and resumable. ``share`` = (rank, world_size): the batch is that rank's
+        slice of a global batch of B * world_size; the draws are made for the global batch and sliced, so
+        the ranks together use exactly the noise of one process on the global batch."""
         size = self.config.image_size
         if images.shape[1:3] != (size, size):
             raise ValueError(f"images are {tuple(images.shape[1:3])} pixels but the generator makes "
                              f"{size}x{size}; render the data at image_size={size}")
         x0 = images_to_pixels(images.to(self.device))  # (B, 3, H, W)
         B = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)  # (B, 3, H, W)
-        t = torch.randint(0, self.config.train_timesteps, (B,), generator=generator).to(self.device)
-        drop = (torch.rand(B, generator=generator) < self.config.condition_dropout).to(self.device)  # (B,)
+        rank, world_size = share
+        rows = slice(rank * B, (rank + 1) * B)  # this rank's rows of the global draws
+        noise = torch.randn((B * world_size, *x0.shape[1:]), generator=generator)[rows].to(self.device)
+        t = torch.randint(0, self.config.train_timesteps, (B * world_size,), generator=generator)[rows].to(self.device)
+        drop = (torch.rand(B * world_size, generator=generator)[rows] < self.config.condition_dropout).to(self.device)
         x_t = self.train_scheduler.add_noise(x0, noise, t)  # sqrt(a_bar) x0 + sqrt(1 - a_bar) eps
         mask = attention_mask.to(self.device)
         context = self.encode_context(input_ids, mask)  # (B, L, X)
@@ -390,6 +391,4 @@ class TextToImageGenerator(BuiltOnEncoder, nn.Module):
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> TextToImageGenerator:
     """A generator saved with ``save_pretrained``, or the final model of a run folder."""
-    from vlpt.factory import find_model_dir
-
     return TextToImageGenerator.from_pretrained(find_model_dir(path), device=device)

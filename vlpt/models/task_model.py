@@ -27,6 +27,7 @@ from vlpt.models.dual_encoder import (
     CONFIG_NAME,
     DualEncoder,
     SavesPretrained,
+    find_model_dir,
     load_weights,
     read_model_config,
     read_tokenizer,
@@ -37,6 +38,7 @@ from vlpt.models.heads import ClassifierHead, MatchingHead, VQAHead
 from vlpt.tokenization import Tokenizer
 
 TASKS = ("classify", "match", "vqa")
+MODEL_TYPE = "vlpt-task"  # config.json's "model_type": tells a task model's folder from a dual encoder's
 
 
 @dataclass
@@ -175,15 +177,20 @@ class TaskModel(SavesPretrained, nn.Module):
     def write_files(self, directory: Path) -> None:
         config = copy.deepcopy(self.config)
         config.encoder = self.encoder.config_for_saving()
-        write_model_files(directory, {"model_type": "vlpt-task", **to_dict(config)}, self, self.tokenizer)
+        write_model_files(directory, {"model_type": MODEL_TYPE, **to_dict(config)}, self, self.tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:
         directory = Path(directory)
         data = read_model_config(directory)
-        if data.pop("model_type", None) != "vlpt-task":
+        if data.pop("model_type", None) != MODEL_TYPE:
             raise FileNotFoundError(f"{directory} holds no fine-tuned vlpt task model (see `vlpt finetune`)")
         config = from_dict(TaskModelConfig, data, where=str(directory / CONFIG_NAME))
         tokenizer = read_tokenizer(directory, config.encoder.text.context_length)
         encoder = DualEncoder(config.encoder, tokenizer, load_pretrained_weights=False)
         return load_weights(cls(config, encoder), directory, device)
+
+
+def load_task_model(path: str | Path, device: str | torch.device = "cpu") -> TaskModel:
+    """A fine-tuned task model (classify, match or vqa) from its folder or its run folder."""
+    return TaskModel.from_pretrained(find_model_dir(path), device=device)

@@ -94,3 +94,25 @@ def cleanup(env: DistributedEnv) -> None:
     """Leave the process group (if this env created or joined one)."""
     if env.backend is not None and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on all ranks) concatenated along dim 0, in rank order; gradients flow
+    back to each rank's own rows (summed over the ranks that used them). ``x`` itself in one process."""
+    if world_size == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn  # not in every torch build; only multi-process runs need it
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather_constant(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``all_gather_with_grad`` for tensors that need no gradient (labels, masks); bools travel as uint8."""
+    if world_size == 1:
+        return x
+    payload = x.to(torch.uint8) if x.dtype == torch.bool else x
+    parts = [torch.empty_like(payload) for _ in range(world_size)]
+    dist.all_gather(parts, payload.contiguous())
+    out = torch.cat(parts, dim=0)
+    return out.bool() if x.dtype == torch.bool else out

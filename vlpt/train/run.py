@@ -1,226 +1,299 @@
-"""A training run end to end: data, tokenizer, model, trainer, final model, evaluation and report.
+"""The one run lifecycle, for every task: create or resume the run folder, build the task's model, data and
+objective, fit with the shared Trainer, save the model, evaluate, write ``metrics.json`` + ``report.md`` and
+the model card. The task (``train.task``, from ``vlpt.tasks``) supplies only what differs.
 
-Run folder layout: ``config.yaml``, ``log.jsonl``, ``checkpoints/step_*/``, ``model/``,
-``metrics.json``, ``report.md`` and its PNG plots.
+Run folder layout: ``config.yaml``, ``log.jsonl``, ``checkpoints/step_*/``, ``model/`` (+ a ``README.md``
+model card), ``metrics.json``, ``report.md`` and its PNG figures.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
-from vlpt.config import RunConfig, load_config, save_config
-from vlpt.data.pairs import PairBatches, RankSlice
-from vlpt.evaluate.report import write_report
-from vlpt.evaluate.suite import embed_images, evaluate, load_split, shapes_classifier
-from vlpt.evaluate.zero_shot import accuracy, zero_shot_logits
-from vlpt.factory import create_model, get_tokenizer, load_model
-from vlpt.io import atomic_directory
+from vlpt.config import ConfigError, RunConfig, from_dict, load_config, save_config, to_dict
+from vlpt.data.splits import dataset_options_not_applying
+from vlpt.evaluate.report import write_model_card, write_report
 from vlpt.models.dual_encoder import TOKENIZER_DIR
+from vlpt.tasks import MODEL_DIR, TaskSpec, get_task
 from vlpt.tokenization import Tokenizer
 from vlpt.train.checkpoint import latest_checkpoint
-from vlpt.train.distributed import cleanup, init_distributed
-from vlpt.train.tasks import ContrastiveTask
+from vlpt.train.distributed import DistributedEnv, barrier, cleanup, init_distributed
 from vlpt.train.trainer import Trainer, read_log, resolve_device
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
+# Keys a resumed run may change: they do not alter what has been trained so far.
+RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.max_seconds", "train.threads")
+# Sections only some tasks read (TaskSpec.sections); the others' non-default values are reported as unused.
+TASK_SECTIONS = ("caption", "generate", "finetune")
 
 
 class RunExistsError(FileExistsError):
     pass
 
 
-def load_train_data(config: RunConfig, cache_dir=None) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
-    """The training set in memory: (images (N, H, W, 3) uint8, captions, labels). Not for shards,
-    which are streamed (``train_batches``)."""
-    if config.data.dataset == "shards":
-        raise ValueError("data.dataset=shards is streamed, not loaded into memory; this objective needs "
-                         "data.dataset=files (an image folder) or a built-in data set")
-    ds = load_split(config.data, "train", config.data.train_size, cache_dir=cache_dir)
-    return ds.images, ds.captions, ds.labels
+# ----------------------------------------------------------------------------- config checks
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("timm_kwargs", "hf_config"):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def _shards_path(config: RunConfig) -> str:
-    if not config.data.path:
-        raise ValueError("data.dataset=shards needs data.path (a shard folder, file, glob or {a..b} pattern), "
-                         "e.g. --set data.path=shards/")
-    return config.data.path
+def options_not_applying(config: RunConfig, task: TaskSpec) -> list[str]:
+    """Options set away from their defaults that the run's task or data set does not read."""
+    defaults = _flat(to_dict(RunConfig()))
+    values = _flat(to_dict(config))
+    notes = [f"{key}={values[key]!r} does not apply to train.task={task.name} (only "
+             f"{', '.join(t for t in TASK_SECTIONS if t == key.split('.')[0])} tasks read it)"
+             for key in values
+             if key.split(".")[0] in TASK_SECTIONS and key.split(".")[0] not in task.sections
+             and values[key] != defaults[key]]
+    return notes + dataset_options_not_applying(config.data) + task.unused_options(config)
 
 
-def train_corpus(config: RunConfig, data: tuple | None) -> Iterable[str]:
-    """The captions a from-scratch tokenizer learns its vocabulary from: all of an in-memory data set,
-    or the first 200,000 captions of the shards."""
-    if data is None:
-        from vlpt.data.shards import shard_captions
-
-        return shard_captions(_shards_path(config))
-    return (c for caps in data[1] for c in caps)
-
-
-def train_batches(config: RunConfig, data: tuple | None, tokenizer: Tokenizer, rank: int, world_size: int):
-    """This rank's ``batch(step)`` source: in-memory pairs (each rank slices the global batch), or
-    for shards a ShardReader over this rank's share of the shards (``train.batch_size`` is global)."""
-    if data is None:
-        from vlpt.data.shards import ShardBatches, ShardReader
-
-        if config.train.batch_size % world_size:
-            raise ValueError(f"batch_size {config.train.batch_size} must be divisible by the world size {world_size}")
-        d = config.data
-        reader = ShardReader(_shards_path(config), config.train.batch_size // world_size, d.image_size,
-                             seed=config.train.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
-                             shuffle_buffer=d.shuffle_buffer, resample=d.resample,
-                             max_consecutive_failures=d.max_consecutive_failures)
-        log.info("shards: %d samples in %d shards, %d steps per epoch", reader.num_samples, len(reader.paths),
-                 reader.steps_per_epoch)
-        return ShardBatches(reader, tokenizer)
-    images, captions, labels = data
-    batches = PairBatches(images, captions, tokenizer, config.train.batch_size, config.train.seed,
-                          labels=labels, augment=config.data.augment, group_size=2 if config.data.twins else 1)
-    return RankSlice(batches, rank, world_size) if world_size > 1 else batches
+def check_run(config: RunConfig, env: DistributedEnv) -> TaskSpec:
+    """The run's task, after checking everything that can be checked before any data is loaded: the task's
+    own rules and the process layout. Options that do not apply are logged."""
+    task = get_task(config.train.task)
+    problems = task.check(config, env)
+    if config.train.batch_size % env.world_size:
+        problems.append(f"train.batch_size={config.train.batch_size} must be divisible by the number of "
+                        f"processes ({env.world_size}): every rank takes an equal slice of the global batch")
+    if problems:
+        raise ConfigError(f"config {config.name!r} cannot run as train.task={task.name}: " + "; ".join(problems))
+    for note in options_not_applying(config, task):
+        log.warning("%s; ignored", note)
+    return task
 
 
-def fit_on_pairs(config: RunConfig, run_dir: Path, build, make_task, encoder_from_run: str | None,
-                 resume: bool = False, cache_dir=None, stop_after: int | None = None, group_size: int = 1):
-    """The training body shared by models built on a dual encoder (captioner, generator): load the pairs,
-    build the model (``build(config, corpus, tokenizer)``; on resume without ``encoder_from_run`` with the
-    checkpoint's vocabulary), record the towers in config.yaml, train with ``make_task(config, model)``.
-    Returns (model, train_seconds, trainer); the caller saves the final model when ``trainer.finished``."""
+def merge_for_resume(saved: RunConfig, given: RunConfig) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
+    """The saved run's config with the changes ``given`` makes to ``RESUMABLE_KEYS``; any other difference is
+    refused (the run would continue as something it did not start as). Returns (config, {key: (old, new)})."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(given))
+    filled = {"model.text.vocab_size", "model.text.hf_config"}  # written by the run itself
+    builds_on = saved.caption.from_run or saved.generate.from_run or saved.finetune.from_run
+    changed = {k: (old[k], new[k]) for k in old if old[k] != new.get(k) and k not in filled
+               and not (builds_on and k.startswith("model."))}  # a base run's towers are recorded by the run
+    refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
+    if refused:
+        raise ConfigError("a resumed run keeps its config; these differ from the run's config.yaml and cannot "
+                          "change mid-run: " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
+                                                         for k in refused)
+                          + f". Resumable keys: {', '.join(RESUMABLE_KEYS)}; start a new run (--name) otherwise")
+    data = to_dict(saved)
+    for key, (_, value) in changed.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    return from_dict(RunConfig, data), changed
+
+
+# ----------------------------------------------------------------------------- fit
+
+@dataclass
+class Training:
+    """Everything ``fit`` runs, built by ``prepare`` (tests run steps of it directly)."""
+    task: TaskSpec
+    model: nn.Module  # the model saved at the end (unwrapped)
+    objective: Any  # the trainer's training_step (data-parallel under torchrun)
+    batches: Any
+    trainer: Trainer
+    env: DistributedEnv
+
+
+def prepare(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
+            env: DistributedEnv | None = None) -> Training:
+    """Check the config, load the task's data, build its model (with the resumed checkpoint's vocabulary),
+    record the towers actually used in ``config.yaml`` (rank 0), and set up batches, objective and trainer.
+    On resume the trainer is positioned at the latest complete checkpoint."""
+    env = env or init_distributed()
+    task = check_run(config, env)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    images, captions, labels = load_train_data(config, cache_dir)
+    log.info("training %s (%s) on %d process(es), rank %d", config.name, task.name, env.world_size, env.rank)
+    data = task.load_data(config, cache_dir)
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
     tokenizer = None
-    if checkpoint is not None and not encoder_from_run:  # the vocabulary the checkpoint was trained with
+    if checkpoint is not None and (checkpoint / TOKENIZER_DIR).exists():  # the vocabulary it was trained with
         tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
-    model = build(config, [c for caps in captions for c in caps], tokenizer)
-    config.model = model.dual_encoder.config  # config.yaml records the towers actually used (from_run, vocab)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
-    batches = PairBatches(images, captions, model.tokenizer, config.train.batch_size, config.train.seed,
-                          labels=labels, augment=config.data.augment, group_size=group_size)
-    trainer = Trainer(make_task(config, model), batches, config.train, run_dir, save_model=model)
-    if resume and not trainer.resume():
-        log.info("no checkpoint in %s; starting from step 0", run_dir)
-    start = time.perf_counter()
-    trainer.fit(stop_after)
-    return model, time.perf_counter() - start, trainer
-
-
-def quick_eval_fn(config: RunConfig, cache_dir=None):
-    """A cheap periodic check: 48-way zero-shot on 200 single-object validation scenes (shapes only)."""
-    if config.data.dataset != "shapes":
-        return None
-    val = load_split(config.data, "val", 200, single=True, cache_dir=cache_dir)
-
-    def run(model, step: int) -> dict[str, float]:
-        logits = zero_shot_logits(embed_images(model, val.images), shapes_classifier(model))
-        return accuracy(logits, torch.from_numpy(val.labels), prefix="val_zeroshot_")
-    return run
-
-
-def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
-        stop_after: int | None = None) -> tuple[object, float]:
-    """Train (or resume) into ``run_dir``; returns (model, train_seconds). ``stop_after`` ends early at
-    that step with a checkpoint, and without writing the final model.
-
-    Under torchrun every process runs this; each takes its slice of the global batch, DDP averages the
-    gradients, the losses gather features so the contrastive batch is global, and only rank 0 writes.
-    """
-    env = init_distributed()
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    model = task.build_model(config, data, tokenizer)
+    config.model = task.dual_encoder(model).config  # config.yaml records the towers used (base run, vocabulary)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
-    log.info("training %s on %d process(es), rank %d", config.name, env.world_size, env.rank)
-    data = None if config.data.dataset == "shards" else load_train_data(config, cache_dir)  # shards: streamed
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if checkpoint is not None:  # the vocabulary must be the one the checkpoint was trained with
-        tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
-    else:
-        tokenizer = get_tokenizer(config.model, corpus=train_corpus(config, data))
-    model = create_model(config.model, tokenizer, seed=config.train.seed)
-    if config.model.text.locked:
-        model.enable_text_cache()  # LiT: a frozen tower's caption features are computed once
-    batches = train_batches(config, data, tokenizer, env.rank, env.world_size)
-    trained = model
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device = env.device if config.train.device == "auto" else resolve_device(config.train.device)
-        trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
-    task = ContrastiveTask(trained, config.train.loss, rank=env.rank, world_size=env.world_size,
-                           seed=config.train.seed, local_loss=config.train.local_loss,
-                           siglip_exchange=config.train.siglip_exchange)
-    trainer = Trainer(task, batches, config.train, run_dir, rank=env.rank, world_size=env.world_size,
-                      evaluate=quick_eval_fn(config, cache_dir) if env.rank == 0 else None, save_model=model)
+    device = env.device if config.train.device == "auto" else resolve_device(config.train.device)
+    batches = task.batches(config, data, model, env)
+    objective = task.objective(config, model, env, device)
+    quick_eval = task.quick_eval(config, cache_dir) if env.rank == 0 and config.train.eval_every else None
+    if env.rank == 0 and config.train.eval_every and quick_eval is None:
+        log.warning("train.eval_every=%d: the %s task has no periodic check on data.dataset=%s; ignored",
+                    config.train.eval_every, task.name, config.data.dataset)
+    trainer = Trainer(objective, batches, config.train, run_dir, evaluate=quick_eval, rank=env.rank,
+                      world_size=env.world_size, save_model=model)
     if resume and not trainer.resume():
         log.info("no checkpoint in %s; starting from step 0", run_dir)
-    start = time.perf_counter()
-    trainer.fit(stop_after)
-    seconds = time.perf_counter() - start
-    if hasattr(batches, "close"):  # shards: stop the stream's DataLoader workers
-        batches.close()
-    if trainer.finished and env.rank == 0:
-        model.save_pretrained(run_dir / "model")
-    return model, seconds
+    return Training(task, model, objective, batches, trainer, env)
 
 
-def evaluate_run(run_dir: str | Path, model=None, extra: dict | None = None, cache_dir=None) -> dict[str, float]:
-    """Evaluate a run's final model on the held-out sets of its data set and write its report."""
+def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, cache_dir=None,
+        stop_after: int | None = None, changes: dict[str, tuple[Any, Any]] | None = None
+        ) -> tuple[nn.Module, float]:
+    """Train (or resume) ``config``'s task into ``run_dir``; returns (model, train_seconds). ``stop_after``
+    ends early at that step with a checkpoint, and without writing the final model. ``changes``: config
+    keys a resume changed (recorded in the log).
+
+    Under torchrun every process runs this; each takes its slice of the global batch, DDP averages the
+    gradients (the contrastive losses gather features so the contrastive batch is global), and only rank 0
+    writes."""
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    model = model or load_model(run_dir)
-    result = evaluate(model, config.data, config.eval, cache_dir)
-    metrics = {**result.metrics, **(extra or {})}
-    history = [row for row in read_log(run_dir / "log.jsonl") if "loss" in row]
-    if "steps" not in metrics:
-        metrics["steps"] = config.train.steps
-    write_report(run_dir, metrics, history=history, confusion=result.confusion, class_names=result.class_names,
-                 retrieval_examples=result.retrieval_examples)
-    return metrics
+    training = prepare(config, run_dir, resume, cache_dir)
+    trainer = training.trainer
+    if changes:
+        trainer._log({"step": trainer.step, "resumed_with": {k: list(v) for k, v in changes.items()}})
+    start = time.perf_counter()
+    try:
+        trainer.fit(stop_after)
+    finally:
+        if hasattr(training.batches, "close"):  # shards: stop the stream's DataLoader workers
+            training.batches.close()
+    seconds = time.perf_counter() - start
+    if trainer.finished and training.env.rank == 0:
+        training.task.save_model(training.model, run_dir)
+    return training.model, seconds
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
+# ----------------------------------------------------------------------------- evaluate
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """A run folder's config. Runs saved before ``train.task`` named fine-tuning runs keep their kind: a
+    fine-tuned task model's folder says which task it was trained for."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a vlpt run folder (no {CONFIG_FILE})")
-    return load_config(path)
+    config = load_config(path)
+    model_config = Path(run_dir) / MODEL_DIR / "config.json"
+    if config.train.task == "contrastive" and model_config.exists():
+        saved = json.loads(model_config.read_text())
+        if saved.get("model_type") == "vlpt-task":
+            config.train.task = saved["task"]
+    return config
+
+
+def steps_trained(run_dir: Path, config: RunConfig) -> int:
+    """The last step logged: fewer than configured when a time budget stopped the run."""
+    steps = [row["step"] for row in read_log(run_dir / "log.jsonl") if "step" in row]
+    return max(steps, default=config.train.steps)
+
+
+def evaluate_run(run_dir: str | Path, model: nn.Module | None = None, extra: dict | None = None,
+                 cache_dir=None) -> dict[str, float]:
+    """Evaluate a run's final model with its task's evaluation; write metrics.json, report.md and the model
+    card. The same structure for every task: the task's metrics, ``steps`` (trained) and what ``extra`` adds
+    (``run`` adds this session's ``train_seconds``)."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    task = get_task(config.train.task)
+    model = model if model is not None else task.load_model(run_dir)
+    result = task.evaluate(model, config, run_dir, cache_dir)
+    metrics = {**result.metrics, "steps": steps_trained(run_dir, config), **(extra or {})}
+    history = [row for row in read_log(run_dir / "log.jsonl") if "loss" in row]
+    facts = {"task": f"{task.name} ({task.description})", "model": type(model).__name__,
+             "data": data_description(config), "steps": f"{metrics['steps']} of batch {config.train.batch_size}",
+             "config": CONFIG_FILE}
+    write_report(run_dir, metrics, history, result.confusion, result.class_names, result.retrieval_examples,
+                 result.images, summary=facts)
+    if (run_dir / MODEL_DIR).exists():
+        write_model_card(run_dir / MODEL_DIR, f"vlpt {task.name} model: {config.name}",
+                         {**facts, "config": f"../{CONFIG_FILE}",
+                          "architecture": architecture_description(config)}, metrics)
+    return metrics
+
+
+def data_description(config: RunConfig) -> str:
+    d = config.data
+    where = f" from {d.path}" if d.path else ""
+    return f"{d.dataset}{where}, {d.image_size} px, seed {d.seed}"
+
+
+def architecture_description(config: RunConfig) -> str:
+    m = config.model
+    text = m.text.pretrained or f"{m.text.num_layers}-layer BERT width {m.text.hidden_size}, vocab {m.text.vocab_size}"
+    return f"image tower {m.image.name} ({m.image.image_size} px, pool {m.image.pool}); text tower {text}; " \
+           f"embedding {m.embed_dim}"
+
+
+# ----------------------------------------------------------------------------- the lifecycle
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (``--max-restarts``); 0 otherwise."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def aside_dir(run_dir: Path) -> Path:
+    """Where a run that will replace ``run_dir`` (``--overwrite``) trains until it completes; a fixed name, so
+    every rank and a torchrun restart find it."""
+    return run_dir.parent / f".{run_dir.name}.new"
 
 
 def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-        cache_dir=None, fit_fn=None, evaluate_fn=None) -> dict[str, float]:
-    """Train then evaluate. A new run never writes over an old one: without ``overwrite`` an existing
-    run folder is an error; with it, the new run is built aside and swapped in only when complete.
-    Under torchrun, ranks other than 0 train alongside and write nothing.
-
-    ``fit_fn`` / ``evaluate_fn`` (default: contrastive pre-training, ``fit`` and ``evaluate_run``) let
-    other objectives (fine-tuning) share this run-folder logic."""
-    fit_fn, evaluate_fn = fit_fn or fit, evaluate_fn or evaluate_run
+        cache_dir=None) -> dict[str, float]:
+    """Train then evaluate, for any task. A new run never writes over an old one: without ``overwrite`` an
+    existing run folder is an error; with it, the new run is built aside and swapped in only when complete.
+    ``resume`` continues the run's latest complete checkpoint with the run's own config (``config`` may
+    change only ``RESUMABLE_KEYS``). Under torchrun, ranks other than 0 train alongside and write nothing;
+    after a torchrun restart (``--max-restarts``) every rank resumes from the latest complete checkpoint."""
     run_dir = Path(run_dir)
-    if resume and (run_dir / CONFIG_FILE).exists():
-        config = read_run_config(run_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces it; choose one")
+    target = aside_dir(run_dir) if overwrite else run_dir
+    changed: dict[str, tuple[Any, Any]] = {}
+    if resume or restart_count() > 0:
+        if (target / CONFIG_FILE).exists():
+            config, changed = merge_for_resume(read_run_config(target), config)
+            if changed:
+                log.info("resuming with %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        resume = True
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
+                             f"--overwrite to replace it once the new run completes, or choose another --name")
     env = init_distributed()
-    if env.rank != 0:
-        fit_fn(config, run_dir, resume=resume, cache_dir=cache_dir)
+    try:
+        if overwrite and not resume:
+            if env.rank == 0:
+                shutil.rmtree(target, ignore_errors=True)  # a stale aside run of an earlier attempt
+            barrier(env)
+        model, seconds = fit(config, target, resume=resume, cache_dir=cache_dir, changes=changed)
+    finally:
         cleanup(env)
+    if env.rank != 0:
         return {}
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"run folder {run_dir} already exists; pass --resume to continue it, "
-                                 f"--overwrite to replace it once the new run completes, or choose another --name")
-        with atomic_directory(run_dir) as tmp:
-            model, seconds = fit_fn(config, tmp, cache_dir=cache_dir)
-            cleanup(env)
-            evaluate_fn(tmp, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
-        return json.loads((run_dir / "metrics.json").read_text())
-    model, seconds = fit_fn(config, run_dir, resume=resume, cache_dir=cache_dir)
-    cleanup(env)
-    return evaluate_fn(run_dir, model, {"train_seconds": seconds, "steps": config.train.steps}, cache_dir)
+    metrics = evaluate_run(target, model, {"train_seconds": seconds}, cache_dir)
+    if overwrite:
+        swap_into_place(target, run_dir)
+    return metrics
+
+
+def swap_into_place(new: Path, run_dir: Path) -> None:
+    """Replace ``run_dir`` by the completed ``new`` run: the old folder is moved aside first and removed only
+    once the new one is in place."""
+    old = run_dir.parent / f".{run_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if run_dir.exists():
+        os.replace(run_dir, old)
+    os.replace(new, run_dir)
+    shutil.rmtree(old, ignore_errors=True)
