@@ -20,6 +20,7 @@ from vlpt.data.shapes import default_cache_dir
 from vlpt.io import ImageLoadError
 from vlpt.models.fusion import FUSION_METHODS
 from vlpt.models.task_model import TASKS
+from vlpt.train.trainer import TrainingStopped
 
 DEFAULT_RUNS = Path("runs")
 
@@ -299,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"vlpt: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # preempted (75), non-finite loss (65), final checkpoint not written (74)
+        print(f"vlpt: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 
