@@ -15,6 +15,7 @@ handed to every Trainer vlpt builds, a real signal, a real resource limit.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import vlpt.train.trainer as trainer_module
 from tests.conftest import tiny_run_config
 from vlpt.config import save_config
 from vlpt.factory import load_model
-from vlpt.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
+from vlpt.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from vlpt.train.run import fit
 from vlpt.train.trainer import (
     EXIT_CHECKPOINT_FAILED,
@@ -53,6 +54,14 @@ def log_rows(run_dir):
 
 def losses(run_dir):
     return {r["step"]: r["loss"] for r in log_rows(run_dir) if "loss" in r}
+
+
+def logged_loss_steps(path):
+    """The steps with a loss row in a log another process is appending to (complete lines only)."""
+    if not path.exists():
+        return set()
+    lines = path.read_text().split("\n")[:-1]  # the last piece is "" or a line still being written
+    return {row["step"] for row in map(json.loads, lines) if "loss" in row}
 
 
 def checkpoint_names(run_dir):
@@ -216,7 +225,7 @@ def test_two_processes_stop_together_on_one_ranks_nan_or_signal(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLPT_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            str(config_path), str(tmp_path), "4", "3"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = {"nan": {"type": "NonFiniteLossError", "step": 5, "exit_code": EXIT_NONFINITE},
                 "sigterm": {"type": "Preempted", "step": 4, "exit_code": EXIT_PREEMPTED}}
@@ -272,7 +281,7 @@ def test_sigterm_checkpoints_exits_75_and_the_resumed_run_matches(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
-        while not ((run_dir / "log.jsonl").exists() and k in losses(run_dir)):
+        while k not in logged_loss_steps(run_dir / "log.jsonl"):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "training never reached step k"
             time.sleep(0.05)
@@ -346,7 +355,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path, m
     assert "could not write the checkpoint of step 4" in caplog.text
     failed = [r for r in log_rows(run_dir) if "checkpoint_failed" in r]
     assert [r["step"] for r in failed] == [4, 5]
-    assert all("File too large" in r["checkpoint_failed"] for r in failed)
+    assert all(f"os error {errno.EFBIG}" in r["checkpoint_failed"] for r in failed)  # from the kernel
     assert losses(run_dir) == pytest.approx({s: clean[s] for s in range(1, 6)}, rel=1e-6)  # went on past 4
     assert checkpoint_names(run_dir) == ["step_0000002"]  # no temp folder, nothing half-written
     load_model(latest_checkpoint(run_dir / "checkpoints"))

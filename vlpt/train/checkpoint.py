@@ -83,12 +83,12 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME):
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(checkpoint / WEIGHTS_NAME), framework="pt") as f:
             f.keys()
-    except Exception as err:  # SafetensorError, OSError
+    except (SafetensorError, OSError) as err:
         return f"{WEIGHTS_NAME} is unreadable ({err})"
     if not zipfile.is_zipfile(checkpoint / STATE_NAME):
         return f"{STATE_NAME} is truncated or not a torch.save file"
