@@ -31,6 +31,7 @@ from vlpt.models.generator import check_guidance_interval, load_generator
 from vlpt.models.task_model import load_task_model
 from vlpt.tasks.finetune import FINETUNE_TASKS, finetune_config
 from vlpt.train.run import CONFIG_FILE, evaluate_run, read_run_config, run
+from vlpt.train.trainer import TrainingStopped
 
 DEFAULT_RUNS = Path("runs")
 DEFAULT_CONFIG = "tiny-shapes"
@@ -359,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"vlpt: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # preempted (75), non-finite loss (65), final checkpoint not written (74)
+        print(f"vlpt: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

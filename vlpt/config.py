@@ -97,12 +97,14 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between quick validation zero-shot checks; 0 disables
     checkpoint_every: int = 500  # 0: only the final checkpoint
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest readable checkpoints kept, plus the one the run resumed from; 0 keeps all
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     keep_cpu_memory: bool = True  # CPU: malloc keeps freed memory for the next step (no page faults); process-wide
     compile: bool = False  # torch.compile the model for training; falls back to eager (with a warning) if it fails
     max_seconds: float = 0.0  # > 0: a time budget; training stops (and the model is saved) at the step reached
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; the final model is the average
+    nonfinite: str = "stop"  # NaN/inf loss, loss part or grad norm: stop (no update; resume from the last checkpoint) | skip (drop that batch's update)
+    max_nonfinite_skips: int = 3  # nonfinite=skip: consecutive skipped steps allowed; the next non-finite one stops the run
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Small file helpers: atomic writes (nothing half-written is ever left in place of good data) and
-image loading that names the file when it fails."""
+"""Small file helpers: atomic, durable writes (nothing half-written is ever left in place of good data,
+even after a power loss) and image loading that names the file when it fails."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -13,22 +14,58 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk (a rename alone may reach the disk before the data does)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows commits writable handles only
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Flush a folder's entries (the names created or renamed in it) to the disk. A no-op on Windows and
+    on file systems that cannot sync a folder."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """``fsync_file`` every file under ``root`` and ``fsync_directory`` every folder, ``root`` included."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_directory(folder)
+
+
 @contextlib.contextmanager
 def atomic_directory(directory: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``directory``; on success it replaces ``directory`` in one rename.
 
-    On failure the temp folder is removed and any existing ``directory`` is left untouched.
+    On failure the temp folder is removed and any existing ``directory`` is left untouched. Durable: the
+    files are synced to the disk before the rename and the parent folder after it, so a power loss leaves
+    the old folder or the complete new one, never a renamed folder of empty files.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         old = None
         if directory.exists():  # keep the old copy until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old", dir=directory.parent))
             os.replace(directory, old / "d")
         os.replace(tmp, directory)
+        fsync_directory(directory.parent)  # the rename itself reaches the disk
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -38,15 +75,18 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path`` in one step:
-    a crash leaves the old file (or none), never half a file. Missing parent folders are created."""
+    a crash (or a power loss: the file is synced before the rename, the folder after) leaves the old file
+    (or none), never half a file. Missing parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        fsync_file(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the final file should read like any other
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -1,6 +1,7 @@
 """A model-agnostic trainer: AdamW, warm-up + cosine schedule, clipping, accumulation, autocast on
 CUDA, an optional moving average of the weights (EMA), progress bar, JSONL metrics, atomic checkpoints
-and exact resume."""
+and exact resume; a guard against non-finite losses and gradients, and a clean stop on SIGTERM / SIGINT
+(preemption) with a checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -10,20 +11,67 @@ import json
 import logging
 import math
 import platform
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from vlpt.config import TrainConfig
+from vlpt.io import atomic_write_text, fsync_file
 from vlpt.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from vlpt.train.gradcache import gradcache_step, split_micro_batches
 
 log = logging.getLogger(__name__)
+
+# Exit codes of `vlpt train` when training stops early (sysexits.h): a job script can tell them apart.
+EXIT_NONFINITE = 65  # EX_DATAERR: a non-finite loss or gradient; don't retry as is (lower train.lr, check the data)
+EXIT_CHECKPOINT_FAILED = 74  # EX_IOERR: the final checkpoint could not be written (a full disk?)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after writing a checkpoint; rerun with --resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before its last step; ``step`` is where, ``exit_code`` what `vlpt` exits with."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class NonFiniteLossError(TrainingStopped):
+    """A NaN / inf loss, loss part or gradient norm (``train.nonfinite``); the weights were not updated with it."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM or SIGINT (on any rank): a checkpoint of ``step`` was written; ``fit(resume=True)`` continues
+    exactly."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class CheckpointWriteError(TrainingStopped):
+    """The checkpoint that ends ``fit`` (or a preemption) could not be written; the cause is chained."""
+
+    exit_code = EXIT_CHECKPOINT_FAILED
+
+
+# What a checkpoint write that runs out of disk raises: OSError from Python writes, RuntimeError from
+# torch.save's zip writer, SafetensorError from safetensors (both wrap the OS error in their message).
+def _write_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
 
 
 class Task(Protocol):
@@ -158,6 +206,10 @@ class Trainer:
         if config.max_seconds and world_size > 1:
             raise ValueError("train.max_seconds works in single-process runs only: under torchrun each rank would "
                              "stop at its own step and the others would wait for it forever")
+        if config.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"unknown train.nonfinite {config.nonfinite!r}; choose from stop, skip")
+        if config.max_nonfinite_skips < 0:
+            raise ValueError(f"train.max_nonfinite_skips must be >= 0, got {config.max_nonfinite_skips}")
         self.task, self.batches, self.config = task, batches, config
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -180,6 +232,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.out_of_time = False  # fit stopped by config.max_seconds before config.steps
+        self.nonfinite_skips = 0  # consecutive steps skipped for a non-finite loss or gradient (nonfinite=skip)
+        self.resumed_from: Path | None = None  # the checkpoint resume() loaded; never pruned by this trainer
+        self.last_checkpoint: Path | None = None  # the newest checkpoint written or resumed from
+        self._checkpoint_step: int | None = None  # its step: fit's last checkpoint isn't written twice
+        self._stop_signal: int | None = None  # SIGTERM / SIGINT received during fit
 
     @property
     def finished(self) -> bool:
@@ -189,7 +246,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "nonfinite_skips": self.nonfinite_skips}
         generator = getattr(self.task, "generator", None)
         if generator is not None:
             state["task_rng"] = generator.get_state()
@@ -199,6 +257,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -211,7 +270,8 @@ class Trainer:
             self.weight_average.load_state_dict(state["weight_average"])
 
     def resume(self) -> bool:
-        """Load the latest complete checkpoint; False when there is none."""
+        """Load the latest complete checkpoint (a damaged one is skipped: ``latest_checkpoint``); False when
+        there is none. The checkpoint is kept however many newer ones this trainer writes."""
         checkpoint = latest_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
             return False
@@ -219,9 +279,11 @@ class Trainer:
 
         self.save_model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
         self.load_state_dict(load_trainer_state(checkpoint))
+        self.resumed_from = self.last_checkpoint = checkpoint
+        self._checkpoint_step = self.step
         self.history = [row for row in self._read_log() if row.get("step", 0) <= self.step]
         if self.rank == 0:  # drop log rows written after the checkpoint, so the curve has no repeats
-            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.history))
         log.info("resumed from %s at step %d", checkpoint, self.step)
         return True
 
@@ -234,16 +296,55 @@ class Trainer:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, must_succeed: bool = True) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 only; other ranks return None).
+
+        A write that fails (a full disk, an I/O error) leaves the earlier checkpoints as they were and no
+        temp folder. With ``must_succeed`` (the checkpoint that ends ``fit``, or a preemption: without it the
+        weights would be lost) it raises ``CheckpointWriteError``; otherwise (periodic checkpoints) it logs a
+        warning and a ``{"step", "checkpoint_failed"}`` row and returns None, and training goes on."""
         if self.rank != 0:
             return None
-        return save_checkpoint(self.checkpoint_dir, self.step, self.save_model, self.state_dict(),
-                               keep=self.config.keep_checkpoints)
+        try:
+            path = save_checkpoint(self.checkpoint_dir, self.step, self.save_model, self.state_dict(),
+                                   keep=self.config.keep_checkpoints,
+                                   protect=[self.resumed_from] if self.resumed_from else [])
+        except _write_errors() as err:
+            reason = f"{type(err).__name__}: {err}"
+            self._log({"step": self.step, "checkpoint_failed": reason})
+            last = self.last_checkpoint or "none"
+            if must_succeed:
+                raise CheckpointWriteError(self.step, f"could not write the checkpoint of step {self.step} ({reason}); "
+                                           f"the last checkpoint is {last}") from err
+            log.warning("could not write the checkpoint of step %d (%s); training goes on, the last checkpoint "
+                        "is %s", self.step, reason, last)
+            return None
+        self.last_checkpoint, self._checkpoint_step = path, self.step
+        return path
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
         """Train to ``config.steps``; with ``stop_after``, checkpoint and return at that step instead
-        (training in chunks, e.g. under a job time limit; ``resume`` continues exactly)."""
+        (training in chunks, e.g. under a job time limit; ``resume`` continues exactly).
+
+        Every step, after the backward pass and before clipping and the update, the loss, each loss part
+        the task returns and the total gradient norm are checked for NaN / inf (``train.nonfinite``):
+
+        - ``stop``: the weights are not updated, a ``{"step", "nonfinite": <parts>}`` row is logged, no
+          checkpoint is written of this state (the last good one stays the latest) and
+          ``NonFiniteLossError`` is raised; resume from that checkpoint, e.g. with a lower lr.
+        - ``skip``: the gradients are dropped and the optimizer, scheduler and EMA are not stepped (the
+          model's buffers, e.g. BatchNorm statistics, are restored as well), but the step counter still
+          advances, so the batch order stays a pure function of the step; after
+          ``train.max_nonfinite_skips`` consecutive skips the next non-finite step stops as above.
+
+        SIGTERM and SIGINT (handlers installed while ``fit`` runs, in the main thread only; the previous
+        ones are restored) finish the current step, write a checkpoint of it, log a
+        ``{"stopped": "preempted"}`` row and raise ``Preempted``. A second SIGINT interrupts at once.
+
+        Under torch.distributed one small all_reduce (MAX) per step of the non-finite and stop flags makes
+        every rank take the same decision at the same step, whichever rank saw the NaN or the signal.
+        """
         cfg = self.config
         end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,58 +355,162 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         window_images, window_start = 0, time.perf_counter()
         eager_model = self.task.model
-        compiling = cfg.compile and self._compile()
-        fit_start = time.perf_counter()
-        while self.step < end:
-            if cfg.max_seconds and time.perf_counter() - fit_start >= cfg.max_seconds:
-                self.out_of_time = True  # the time budget: stop here, as if this were the last step
-                log.warning("train.max_seconds (%g s) reached at step %d of %d; stopping", cfg.max_seconds,
-                            self.step, cfg.steps)
-                self._log({"step": self.step, "stopped": "max_seconds"})
-                break
-            batch = self.batches.batch(self.step)
+        self._stop_signal = None
+        with self._catch_stop_signals():
             try:
-                parts = self._forward_backward(batch, autocast)
-            except Exception as err:  # a failed compile falls back to eager
-                if not compiling:
-                    raise
-                log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__, err)
-                self.task.model = eager_model
-                self.optimizer.zero_grad(set_to_none=True)
-                parts = self._forward_backward(batch, autocast)
-            compiling = False
-            if cfg.grad_clip > 0:
-                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            if self.weight_average is not None:
-                self.weight_average.update(self.step)
-            self.step += 1
-            window_images += len(batch["images"]) * self.world_size
-            bar.update(1)
+                compiling = cfg.compile and self._compile()
+                fit_start = time.perf_counter()
+                while self.step < end:
+                    if cfg.max_seconds and time.perf_counter() - fit_start >= cfg.max_seconds:
+                        self.out_of_time = True  # the time budget: stop here, as if this were the last step
+                        log.warning("train.max_seconds (%g s) reached at step %d of %d; stopping", cfg.max_seconds,
+                                    self.step, cfg.steps)
+                        self._log({"step": self.step, "stopped": "max_seconds"})
+                        break
+                    batch = self.batches.batch(self.step)
+                    buffers = self._buffers() if cfg.nonfinite == "skip" else None
+                    try:
+                        parts = self._forward_backward(batch, autocast)
+                    except Exception as err:  # a failed compile falls back to eager
+                        if not compiling:
+                            raise
+                        log.warning("torch.compile failed (%s: %s); training eagerly", type(err).__name__, err)
+                        self.task.model = eager_model
+                        self.optimizer.zero_grad(set_to_none=True)
+                        parts = self._forward_backward(batch, autocast)
+                    compiling = False
+                    grad_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in self.model.parameters() if p.grad is not None])
+                    parts["grad_norm"] = float(grad_norm)
+                    nonfinite, stop_requested = self._agree(parts)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if nonfinite:
+                        self._skip_nonfinite(nonfinite, buffers)  # raises unless the step may be skipped
+                    else:
+                        if cfg.grad_clip > 0:
+                            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.grad_clip, grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scheduler.step()
+                        if self.weight_average is not None:
+                            self.weight_average.update(self.step)
+                        self.nonfinite_skips = 0
+                    self.step += 1
+                    window_images += len(batch["images"]) * self.world_size
+                    bar.update(1)
 
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": self.step, "lr": lr, **parts, "images_per_s": window_images / max(elapsed, 1e-9),
-                       "world_size": self.world_size}
-                self._log(row)
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.0f}")
-                window_images, window_start = 0, time.perf_counter()
-            if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.model.eval()
-                self._log({"step": self.step, **self.evaluate(self.save_model, self.step)})
-                self.model.train()
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
-        bar.close()
-        self.task.model = eager_model
-        self.save_checkpoint()  # the trained weights (and their average): resume continues exactly
+                    if not nonfinite and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                        elapsed = time.perf_counter() - window_start
+                        row = {"step": self.step, "lr": lr, **parts,
+                               "images_per_s": window_images / max(elapsed, 1e-9), "world_size": self.world_size}
+                        self._log(row)
+                        bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}",
+                                        img_s=f"{row['images_per_s']:.0f}")
+                        window_images, window_start = 0, time.perf_counter()
+                    if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self.model.eval()
+                        self._log({"step": self.step, **self.evaluate(self.save_model, self.step)})
+                        self.model.train()
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                        self.save_checkpoint(must_succeed=False)
+                    if stop_requested:
+                        self._preempt()
+                if self._agree_to_stop():  # a signal after the last step's check: stop before evaluation
+                    self._preempt()
+            finally:
+                bar.close()
+                self.task.model = eager_model
+        if self._checkpoint_step != self.step:  # (not written already by a periodic save or the resume)
+            self.save_checkpoint()  # the trained weights (and their average): resume continues exactly
         if self.weight_average is not None and self.finished:
             self.weight_average.copy_to_model()  # the final model is the average
         self.model.eval()
         return self.history
+
+    # ------------------------------------------------------------------ non-finite guard, preemption
+    def _agree(self, parts: dict[str, float]) -> tuple[dict[str, int], bool]:
+        """This step's verdict, the same on every rank: ({non-finite part: the highest rank that saw it},
+        whether any rank got a stop signal). Under torch.distributed, one all_reduce (MAX) of a small tensor."""
+        names = sorted(parts)
+        flags = [0 if math.isfinite(parts[name]) else self.rank + 1 for name in names]
+        flags.append(int(self._stop_signal is not None))
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            agreed = torch.tensor(flags, dtype=torch.int64, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        return {name: flag - 1 for name, flag in zip(names, flags) if flag}, bool(flags[-1])
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank got a stop signal (one all_reduce under torch.distributed)."""
+        return self._agree({})[1]
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {name: b.detach().clone() for name, b in self.save_model.named_buffers()}
+
+    @torch.no_grad()
+    def _skip_nonfinite(self, nonfinite: dict[str, int], buffers: dict[str, torch.Tensor] | None) -> None:
+        """Drop this step's gradients; log it; return if ``train.nonfinite=skip`` allows one more skipped
+        step (restoring the model's buffers), else raise ``NonFiniteLossError``."""
+        cfg, step = self.config, self.step + 1  # the step whose update this would have been
+        what = ", ".join(nonfinite)
+        where = f" (on rank {max(nonfinite.values())})" if self.world_size > 1 else ""
+        skip = cfg.nonfinite == "skip" and self.nonfinite_skips < cfg.max_nonfinite_skips
+        self.optimizer.zero_grad(set_to_none=True)
+        row = {"step": step, "nonfinite": what, "action": "skip" if skip else "stop"}
+        if self.world_size > 1:
+            row["rank"] = max(nonfinite.values())
+        self._log(row)
+        if skip:
+            self.nonfinite_skips += 1
+            if buffers is not None:
+                for name, b in self.save_model.named_buffers():
+                    b.copy_(buffers[name])
+            log.warning("non-finite %s at step %d%s: update skipped (%d in a row, train.max_nonfinite_skips=%d)",
+                        what, step, where, self.nonfinite_skips, cfg.max_nonfinite_skips)
+            return
+        after = (f", after {self.nonfinite_skips} skipped step(s) in a row (train.max_nonfinite_skips="
+                 f"{cfg.max_nonfinite_skips})" if cfg.nonfinite == "skip" else "")
+        last = self.last_checkpoint or f"the newest in {self.checkpoint_dir}"
+        raise NonFiniteLossError(step, f"non-finite {what} at step {step}{where}{after}; the weights were not "
+                                 f"updated and no checkpoint was written of this state. The last good checkpoint "
+                                 f"({last}) can be resumed with --resume, perhaps with a lower train.lr "
+                                 f"(or train.nonfinite=skip to skip such batches)")
+
+    def _preempt(self) -> None:
+        """Write a checkpoint of the current step, flush the log and raise ``Preempted`` (every rank)."""
+        received = signal.Signals(self._stop_signal).name if self._stop_signal is not None else None
+        by = received or "a stop signal on another rank"
+        log.warning("%s: stopping at step %d with a checkpoint", by, self.step)
+        self._log({"step": self.step, "stopped": "preempted", "signal": received or "other rank"})
+        try:
+            path = self.save_checkpoint() if self._checkpoint_step != self.step else self.last_checkpoint
+        finally:  # no rank exits (and gets the others killed by torchrun) before rank 0 has written it
+            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        if self.rank == 0 and self.log_path.exists():
+            fsync_file(self.log_path)
+        where = path or f"{self.checkpoint_dir} (by rank 0)"
+        raise Preempted(self.step, f"stopped by {by} at step {self.step}; checkpoint written to {where}; "
+                                   f"continue with --resume")
+
+    def _on_stop_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _catch_stop_signals(self):
+        """SIGTERM / SIGINT set a flag that ``fit`` acts on at the end of the step; the previous handlers
+        come back afterwards. Python allows handlers in the main thread only: elsewhere nothing is caught."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
     def _compile(self) -> bool:
         """Let the task call ``torch.compile(model)`` (same parameters; compiling happens at the first
