@@ -158,7 +158,8 @@ def fit(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=None,
         trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
     task = ContrastiveTask(trained, config.train.loss, rank=env.rank, world_size=env.world_size,
                            seed=config.train.seed, local_loss=config.train.local_loss,
-                           siglip_exchange=config.train.siglip_exchange)
+                           siglip_exchange=config.train.siglip_exchange,
+                           pairwise_negatives=config.train.pairwise_negatives, num_negatives=config.train.num_negatives)
     trainer = Trainer(task, batches, config.train, run_dir, rank=env.rank, world_size=env.world_size,
                       evaluate=quick_eval_fn(config, cache_dir) if env.rank == 0 else None, save_model=model)
     if resume and not trainer.resume():

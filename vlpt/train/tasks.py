@@ -6,14 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlpt.losses import get_loss, get_siglip_loss
+from vlpt.losses import check_pairwise_options, get_loss, get_siglip_loss
 
 
 class ContrastiveTask:
     """Image-text contrastive pre-training with InfoNCE, SigLIP or the pairwise matching loss."""
 
     def __init__(self, model: nn.Module, loss: str = "infonce", rank: int = 0, world_size: int = 1,
-                 seed: int = 0, local_loss: bool = False, siglip_exchange: str = "gather"):
+                 seed: int = 0, local_loss: bool = False, siglip_exchange: str = "gather",
+                 pairwise_negatives: str = "random", num_negatives: int = 1):
         self.loss_fn = get_loss(loss)  # fails early, listing the choices
         # gather (all-gather texts) | neighbour (ring exchange); checked for every loss, so a typo
         # fails early even when the loss is not SigLIP.
@@ -21,6 +22,8 @@ class ContrastiveTask:
         if loss == "siglip":
             self.loss_fn = siglip_fn
         self.siglip_exchange = siglip_exchange
+        check_pairwise_options(pairwise_negatives, num_negatives)  # random | hard, >= 1; any loss, like the above
+        self.pairwise_negatives, self.num_negatives = pairwise_negatives, num_negatives
         self.loss = loss
         self.model = model
         self.rank, self.world_size = rank, world_size
@@ -44,4 +47,6 @@ class ContrastiveTask:
             return self.loss_fn(**args, rank=self.rank, world_size=self.world_size, local_loss=self.local_loss)
         if self.loss == "siglip":
             return self.loss_fn(**args, logit_bias=logit_bias, rank=self.rank, world_size=self.world_size)
-        return self.loss_fn(**args, logit_bias=logit_bias, generator=self.generator)
+        return self.loss_fn(**args, logit_bias=logit_bias, num_negatives=self.num_negatives,
+                            negatives=self.pairwise_negatives, generator=self.generator, rank=self.rank,
+                            world_size=self.world_size)
