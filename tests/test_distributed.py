@@ -1,11 +1,13 @@
 """Two real gloo processes (DDP on CPU, loopback only) against one process on the global batch.
 
 Each rank holds half of a global batch of 8; the losses all-gather features with gradients (or, for
-SigLIP's neighbour exchange, pass text chunks round the ring) and DDP averages parameter gradients.
+SigLIP's neighbour exchange, pass text chunks round the ring) and DDP averages parameter gradients;
+the pairwise loss draws its negatives (random or hard) from the global batch.
 The loss averaged over ranks and every parameter's gradient must equal those of a single process on
 all 8 pairs. All cases run in one spawn, to keep start-up (importing torch, building the model) to
 once per rank. With two ranks a rank's left and right neighbours are the same process, so the ring's
-direction is checked separately on three ranks (features only, no model).
+direction is checked separately on three ranks (features only, no model, float64), and so is the
+pairwise loss's choice of negatives across three ranks' rows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import assert_close_to_scale, assert_same_grads, tiny_model_config
 from vlpt.factory import create_model, get_tokenizer
-from vlpt.losses import infonce_loss, siglip_loss, siglip_neighbour_loss
+from vlpt.losses import infonce_loss, pairwise_loss, siglip_loss, siglip_neighbour_loss
 from vlpt.train.distributed import (
     DistributedEnv,
     barrier,
@@ -48,12 +50,20 @@ CASES = {
     "infonce_gradcache": ("infonce", False, "gather", 2),
     "siglip_gradcache": ("siglip", False, "gather", 2),
     "siglip_neighbour_gradcache": ("siglip", False, "neighbour", 2),
+    "pairwise_random": ("pairwise", False, "gather", 0),
+    "pairwise_hard": ("pairwise", False, "gather", 0),
+    "pairwise_random_gradcache": ("pairwise", False, "gather", 2),
 }
+# pairwise case -> (pairwise_negatives, num_negatives); 3 of the other 7 pairs of the global batch. (Hard
+# negatives: the 3rd and 4th most similar differ by >= 2e-4 in cosine here, far above float32 rounding, so
+# one process and two ranks pick the same ones.)
+PAIRWISE = {"pairwise_random": ("random", 3), "pairwise_hard": ("hard", 3), "pairwise_random_gradcache": ("random", 3)}
+PAIRWISE_SEED = 5
 
 
 def _model(loss: str, tokenizer) -> nn.Module:
     config = tiny_model_config()
-    if loss == "siglip":
+    if loss in ("siglip", "pairwise"):
         config.init_logit_bias = -10.0
     # Eval mode: BatchNorm uses running statistics, so features don't depend on how the batch is split.
     return create_model(config, tokenizer=tokenizer, seed=0).eval()
@@ -67,7 +77,13 @@ def _global_batch(tokenizer) -> dict[str, Tensor]:
     return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
-def _loss_fn(loss: str, local_loss: bool, exchange: str, rank: int, world_size: int):
+def _loss_fn(loss: str, local_loss: bool, exchange: str, rank: int, world_size: int,
+             pairwise: tuple[str, int] | None = None):
+    if loss == "pairwise":  # every rank, and the one process, start from the same generator state
+        negatives, k = pairwise
+        generator = torch.Generator().manual_seed(PAIRWISE_SEED)
+        return lambda img, txt, scale, bias: pairwise_loss(img, txt, scale, bias, num_negatives=k, negatives=negatives,
+                                                           generator=generator, rank=rank, world_size=world_size)
     if loss == "infonce":
         return lambda img, txt, scale, bias: infonce_loss(img, txt, scale, rank=rank, world_size=world_size,
                                                           local_loss=local_loss)
@@ -96,7 +112,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         local = {k: v.chunk(world_size)[env.rank] for k, v in batch.items()}  # this rank's 4 pairs
         for case, (loss, local_loss, exchange, micro_batches) in CASES.items():
             model = DistributedDataParallel(_model(loss, tokenizer))
-            loss_fn = _loss_fn(loss, local_loss, exchange, env.rank, env.world_size)
+            loss_fn = _loss_fn(loss, local_loss, exchange, env.rank, env.world_size, PAIRWISE.get(case))
             value = _step(model, local, loss_fn, micro_batches)
             # What DDP optimises is the mean over ranks of each rank's loss.
             dist.all_reduce(value)
@@ -132,7 +148,8 @@ def test_two_gloo_ranks_match_one_process(case, distributed_results):
     # The reference is the plain loss (all-gather variant, no local_loss) in one process.
     tokenizer = get_tokenizer(tiny_model_config(), CORPUS)
     model = _model(loss, tokenizer)
-    want_loss = _step(model, _global_batch(tokenizer), _loss_fn(loss, False, "gather", 0, 1), micro_batches=0)
+    loss_fn = _loss_fn(loss, False, "gather", 0, 1, PAIRWISE.get(case))
+    want_loss = _step(model, _global_batch(tokenizer), loss_fn, micro_batches=0)
 
     assert_close_to_scale(got["loss"], want_loss)
     names = [n for n, _ in model.named_parameters()]
@@ -145,6 +162,7 @@ def test_two_gloo_ranks_match_one_process(case, distributed_results):
 RING_WORLD_SIZE = 3
 RING_BATCH = 4  # per rank
 RING_SCALE, RING_BIAS = 7.0, -3.0
+RING_NEGATIVES = 5  # pairwise: of the 11 others in the global batch of 12, most of them on other ranks
 
 
 def _ring_features() -> tuple[Tensor, Tensor]:
@@ -155,7 +173,7 @@ def _ring_features() -> tuple[Tensor, Tensor]:
     return img, txt
 
 
-def _siglip_with_grads(loss_fn, img: Tensor, txt: Tensor, **dist_args) -> list[Tensor]:
+def _siglip_with_grads(loss_fn, img: Tensor, txt: Tensor, **dist_args) -> list[Tensor]:  # (SigLIP or pairwise)
     """[loss, d/d img, d/d txt, d/d scale, d/d bias] of ``loss_fn`` on leaf copies of the inputs."""
     img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
     scale = torch.tensor(RING_SCALE, dtype=torch.float64, requires_grad=True)
@@ -165,14 +183,26 @@ def _siglip_with_grads(loss_fn, img: Tensor, txt: Tensor, **dist_args) -> list[T
     return [loss.detach(), img.grad, txt.grad, scale.grad, bias.grad]
 
 
+def _ring_pairwise(negatives: str):
+    """The pairwise loss with RING_NEGATIVES negatives, a fresh generator (same seed everywhere) per call."""
+    def loss_fn(img, txt, scale, bias, rank=0, world_size=1):
+        return pairwise_loss(img, txt, scale, bias, num_negatives=RING_NEGATIVES, negatives=negatives,
+                             generator=torch.Generator().manual_seed(PAIRWISE_SEED), rank=rank, world_size=world_size)
+    return loss_fn
+
+
+RING_LOSSES = {"gather": siglip_loss, "neighbour": siglip_neighbour_loss,
+               "pairwise_random": _ring_pairwise("random"), "pairwise_hard": _ring_pairwise("hard")}
+
+
 def _ring_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """One rank of three: SigLIP on its slice of the global features, with either exchange."""
+    """One rank of three: SigLIP (either exchange) and pairwise on its slice of the global features."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
         img, txt = _ring_features()
-        for name, loss_fn in (("gather", siglip_loss), ("neighbour", siglip_neighbour_loss)):
+        for name, loss_fn in RING_LOSSES.items():
             parts = _siglip_with_grads(loss_fn, img.chunk(world_size)[rank], txt.chunk(world_size)[rank],
                                        rank=rank, world_size=world_size)
             gathered = []
@@ -206,6 +236,19 @@ def test_siglip_on_three_ranks_matches_one_process(exchange, ring_results):
     want = {"loss": loss, "img": img_grad, "txt": txt_grad, "scale": scale_grad, "bias": bias_grad}
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-10, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("negatives", ["random", "hard"])
+def test_pairwise_on_three_ranks_matches_one_process(negatives, ring_results):
+    """Each rank's rows of the global choice of negatives, the loss and every gradient equal one process's
+    on all 12 pairs, to float64 rounding."""
+    name = f"pairwise_{negatives}"
+    got = torch.load(ring_results / f"{name}.pt", weights_only=True)
+    img, txt = _ring_features()
+    loss, img_grad, txt_grad, scale_grad, bias_grad = _siglip_with_grads(RING_LOSSES[name], img, txt)
+    want = {"loss": loss, "img": img_grad, "txt": txt_grad, "scale": scale_grad, "bias": bias_grad}
+    for key, value in want.items():
+        assert_close_to_scale(got[key], value, rel=1e-10, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_single_process_without_torchrun_env(monkeypatch):

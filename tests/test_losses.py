@@ -12,17 +12,22 @@ import torch.nn.functional as F
 from vlpt.losses import (
     LOSSES,
     SIGLIP_EXCHANGES,
+    PAIRWISE_NEGATIVES,
     binary_matching_loss,
+    check_pairwise_options,
     gather_features,
     get_loss,
     get_siglip_loss,
+    hard_negatives,
     infonce_loss,
     pairwise_loss,
     pairwise_matching_loss,
+    random_negatives,
     sample_negatives,
     siglip_loss,
     siglip_neighbour_loss,
 )
+from vlpt.config import TrainConfig, load_config
 from vlpt.tasks.contrastive import ContrastiveTask
 
 
@@ -170,22 +175,110 @@ def test_pairwise_matching_loss_pos_neg():
     assert got.item() == pytest.approx(want, rel=1e-12)
 
 
+def _ref_pairwise(img: np.ndarray, txt: np.ndarray, scale: float, bias: float,
+                  neg_texts: list[list[int]], neg_images: list[list[int]]) -> float:
+    """BCE by hand over the matched pairs (label 1), each image's negative texts and each text's
+    negative images (label 0): one mean over all of them."""
+    logits, labels = [], []
+    for i in range(img.shape[0]):
+        logits.append(scale * float(np.dot(img[i], txt[i])) + bias)
+        labels.append(1.0)
+        for j in neg_texts[i]:  # image i against text j
+            logits.append(scale * float(np.dot(img[i], txt[j])) + bias)
+            labels.append(0.0)
+    for j in range(txt.shape[0]):
+        for i in neg_images[j]:  # text j against image i
+            logits.append(scale * float(np.dot(img[i], txt[j])) + bias)
+            labels.append(0.0)
+    return _ref_bce(logits, labels)
+
+
+def _ref_hardest(sim: np.ndarray, k: int) -> list[list[int]]:
+    """Row i's k most similar columns other than i, by a plain sort."""
+    n = sim.shape[0]
+    return [sorted((j for j in range(n) if j != i), key=lambda j: -sim[i, j])[:k] for i in range(n)]
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_pairwise_loss_matches_reference_with_hard_negatives(k):
     img, txt = _features(b=5)
     scale, bias = 7.0, -2.0
     got = pairwise_loss(img, txt, torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64),
-                        num_negatives=k, hard=True)
-    sim = img.numpy() @ txt.numpy().T
-    logits, labels = [], []
-    for i in range(5):
-        logits.append(scale * sim[i, i] + bias)
-        labels.append(1.0)
-        wrong = sorted((j for j in range(5) if j != i), key=lambda j: -sim[i, j])[:k]
-        for j in wrong:
-            logits.append(scale * sim[i, j] + bias)
-            labels.append(0.0)
-    assert got.item() == pytest.approx(_ref_bce(logits, labels), rel=1e-9)
+                        num_negatives=k, negatives="hard")
+    sim = img.numpy() @ txt.numpy().T  # (B, B): sim[i, j] = cos(image i, text j)
+    neg_texts = _ref_hardest(sim, k)  # for image i: the texts most like it
+    neg_images = _ref_hardest(sim.T, k)  # for text j: the images most like it
+    want = _ref_pairwise(img.numpy(), txt.numpy(), scale, bias, neg_texts, neg_images)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    if k == 1:  # the hardest negatives are the argmax non-matching text (image) of each image (text)
+        masked = np.where(np.eye(5, dtype=bool), -np.inf, sim)
+        assert [row[0] for row in neg_texts] == masked.argmax(axis=1).tolist()
+        assert [row[0] for row in neg_images] == masked.argmax(axis=0).tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pairwise_loss_matches_reference_with_random_negatives(k):
+    img, txt = _features(b=6)
+    scale, bias = 5.0, -1.5
+    got = pairwise_loss(img, txt, torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64),
+                        num_negatives=k, negatives="random", generator=torch.Generator().manual_seed(11))
+    # The documented draw: from the same generator state, the images' texts, then the texts' images.
+    g = torch.Generator().manual_seed(11)
+    neg_texts = random_negatives(6, k, g).tolist()
+    neg_images = random_negatives(6, k, g).tolist()
+    assert neg_texts != neg_images  # two independent draws, not one reused
+    want = _ref_pairwise(img.numpy(), txt.numpy(), scale, bias, neg_texts, neg_images)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_pairwise_random_negatives_are_deterministic_given_the_generator():
+    img, txt = _features(b=8)
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+
+    def loss(generator):
+        return pairwise_loss(img, txt, scale, bias, num_negatives=2, negatives="random", generator=generator).item()
+
+    assert loss(torch.Generator().manual_seed(3)) == loss(torch.Generator().manual_seed(3))
+    assert loss(torch.Generator().manual_seed(3)) != loss(torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(3)
+    first, second = loss(g), loss(g)
+    assert first != second  # the generator advances: every step draws new negatives
+    g = torch.Generator().manual_seed(3)
+    loss(g)
+    state = g.get_state()  # what the trainer checkpoints; restoring it replays the next draw
+    assert loss(torch.Generator().set_state(state)) == second
+
+
+def test_random_negatives_are_uniform_without_replacement():
+    n, k, draws = 5, 2, 3000
+    g = torch.Generator().manual_seed(0)
+    pair_counts = np.zeros((n, n))
+    subset_counts: dict[tuple[int, int], int] = {}
+    for _ in range(draws):
+        idx = random_negatives(n, k, g)
+        assert idx.shape == (n, k) and idx.dtype == torch.int64
+        for i, row in enumerate(idx.tolist()):
+            assert i not in row and len(set(row)) == k
+            pair_counts[i, row] += 1
+            if i == 0:
+                key = tuple(sorted(row))
+                subset_counts[key] = subset_counts.get(key, 0) + 1
+    expected = draws * k / (n - 1)  # each of the n - 1 others equally likely
+    off_diagonal = pair_counts[~np.eye(n, dtype=bool)]
+    assert np.abs(off_diagonal / expected - 1).max() < 0.1
+    assert len(subset_counts) == 6  # C(4, 2) sets, each about draws / 6 times
+    assert max(abs(c / (draws / 6) - 1) for c in subset_counts.values()) < 0.2
+
+
+def test_hard_negatives_of_a_rank_block_are_its_rows_of_the_global_choice():
+    g = torch.Generator().manual_seed(2)
+    sim = torch.randn(12, 12, generator=g, dtype=torch.float64)  # a global batch of 12 = 3 ranks x 4
+    full = hard_negatives(sim, 3)
+    for rank in range(3):
+        rows = slice(4 * rank, 4 * rank + 4)
+        assert torch.equal(hard_negatives(sim[rows], 3, offset=4 * rank), full[rows])
+    with pytest.raises(ValueError, match="offset"):
+        hard_negatives(sim[:4], 3, offset=9)
 
 
 def test_hard_negatives_are_highest_wrong_and_never_positive():
@@ -233,6 +326,55 @@ def test_sample_negatives_rejects_too_many():
         sample_negatives(torch.zeros(3, 3), 3, hard=True)
 
 
+def test_pairwise_options_are_validated():
+    assert PAIRWISE_NEGATIVES == ("random", "hard")
+    with pytest.raises(ValueError) as err:
+        check_pairwise_options("hardest", 1)
+    assert "hardest" in str(err.value) and "random" in str(err.value) and "hard" in str(err.value)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_negatives"):
+            check_pairwise_options("random", bad)
+    check_pairwise_options("hard", 7, batch_size=8)
+    with pytest.raises(ValueError, match="num_negatives must be in 1..7"):
+        check_pairwise_options("hard", 8, batch_size=8)
+    img, txt = _features(b=4)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    for negatives in PAIRWISE_NEGATIVES:  # negatives come from the other 3 pairs of the batch
+        with pytest.raises(ValueError, match="num_negatives"):
+            pairwise_loss(img, txt, one, one, num_negatives=4, negatives=negatives)
+    with pytest.raises(ValueError, match="pairwise_negatives"):
+        pairwise_loss(img, txt, one, one, negatives="semi-hard")
+    with pytest.raises(ValueError, match="generator"):  # ranks could not agree on the default generator's draw
+        pairwise_loss(img, txt, one, one, negatives="random", rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match="process group"):
+        pairwise_loss(img, txt, one, one, negatives="hard", rank=0, world_size=2)
+
+
+def test_contrastive_task_passes_pairwise_options_to_the_loss():
+    img, txt = _features(b=6)
+    scale, bias = torch.tensor(6.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    for negatives, k in (("random", 1), ("random", 3), ("hard", 2)):
+        task = ContrastiveTask(_BiasOnly(), "pairwise", seed=5, pairwise_negatives=negatives, num_negatives=k)
+        got = task.loss_from_features(img, txt, scale, bias)
+        want = pairwise_loss(img, txt, scale, bias, num_negatives=k, negatives=negatives,
+                             generator=torch.Generator().manual_seed(5))
+        assert got.item() == want.item()
+    default = ContrastiveTask(_BiasOnly(), "pairwise", seed=5)  # callers that pass neither: random, 1
+    assert (default.pairwise_negatives, default.num_negatives) == ("random", 1)
+    for loss in ("pairwise", "infonce"):  # a bad option fails early, whatever the loss
+        with pytest.raises(ValueError, match="pairwise_negatives"):
+            ContrastiveTask(_BiasOnly(), loss, pairwise_negatives="easy")
+        with pytest.raises(ValueError, match="num_negatives"):
+            ContrastiveTask(_BiasOnly(), loss, num_negatives=0)
+
+
+def test_train_config_pairwise_fields():
+    config = TrainConfig()
+    assert (config.pairwise_negatives, config.num_negatives) == ("random", 1)
+    loaded = load_config("tiny-shapes", ["train.pairwise_negatives=hard", "train.num_negatives=4"])
+    assert (loaded.train.pairwise_negatives, loaded.train.num_negatives) == ("hard", 4)
+
+
 # ----------------------------------------------------------------------------- all losses
 
 def _call(name, img, txt, scale, bias):
@@ -240,7 +382,7 @@ def _call(name, img, txt, scale, bias):
         return infonce_loss(img, txt, scale)
     if name == "siglip":
         return siglip_loss(img, txt, scale, bias)
-    return pairwise_loss(img, txt, scale, bias, num_negatives=2, hard=False,
+    return pairwise_loss(img, txt, scale, bias, num_negatives=2, negatives="random",
                          generator=torch.Generator().manual_seed(0))
 
 

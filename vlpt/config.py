@@ -86,6 +86,8 @@ class TrainConfig:
     accum_mode: str = "plain"  # plain (each micro-batch is its own contrastive batch) | gradcache (one batch)
     local_loss: bool = False  # multi-process InfoNCE: each rank computes only its own rows
     siglip_exchange: str = "gather"  # multi-process SigLIP: gather (all-gather texts) | neighbour (ring of P2P chunk exchanges)
+    pairwise_negatives: str = "random"  # pairwise loss: random (uniform, seeded) | hard (most similar non-matching ones)
+    num_negatives: int = 1  # pairwise loss: negatives per image and per text, from the global batch (< its size)
     lr: float = 2e-3
     min_lr: float = 0.0  # cosine schedule floor
     weight_decay: float = 0.1

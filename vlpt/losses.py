@@ -12,6 +12,8 @@ process on the global batch, so training with N ranks of batch B matches one pro
 N * B. All ranks must use the same local batch size (all-gather needs equal shapes).
 ``siglip_neighbour_loss`` follows the same convention with point-to-point exchanges round a ring
 of ranks instead of an all-gather (its backward sends each chunk's gradient back to its owner).
+``pairwise_loss`` draws its negatives from the global batch (random ones from a generator every
+rank holds in the same state, so the draw equals the single-process one).
 """
 
 from __future__ import annotations
@@ -256,6 +258,62 @@ def pairwise_matching_loss(scores_pos: Tensor, scores_neg: Tensor) -> Tensor:
     return binary_matching_loss(logits, labels)
 
 
+# How the pairwise loss picks its negatives (TrainConfig.pairwise_negatives).
+PAIRWISE_NEGATIVES = ("random", "hard")
+
+
+def check_pairwise_options(negatives: str, num_negatives: int, batch_size: int | None = None) -> None:
+    """ValueError unless ``negatives`` is a known choice and ``num_negatives`` an int in 1..batch_size - 1.
+
+    ``batch_size`` is the contrastive (global) batch; None checks only ``num_negatives >= 1``.
+    """
+    if negatives not in PAIRWISE_NEGATIVES:
+        raise ValueError(f"unknown pairwise_negatives {negatives!r}; choose from {list(PAIRWISE_NEGATIVES)}")
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+        raise ValueError(f"num_negatives must be an integer >= 1, got {num_negatives!r}")
+    if batch_size is not None and num_negatives > batch_size - 1:
+        raise ValueError(f"num_negatives must be in 1..{batch_size - 1} (fewer than the contrastive batch of "
+                         f"{batch_size}: a pair's negatives are the other {batch_size - 1} items), got {num_negatives}")
+
+
+def random_negatives(n: int, num_negatives: int, generator: torch.Generator | None = None) -> Tensor:
+    """For each of ``n`` items i, ``num_negatives`` distinct indices j != i drawn uniformly from 0..n-1.
+
+    Returns (n, num_negatives) int64 on the generator's device (the CPU for the default generator).
+    The draw depends only on ``n``, ``num_negatives`` and the generator state (never on the data),
+    and consumes ``num_negatives`` draws of n integers: ranks that hold the same generator state
+    all draw the same global choice, and each takes its own rows. Pick t chooses the r-th of the
+    ``n - 1 - t`` indices still free (r uniform), by stepping r over the taken ones in sorted order.
+    """
+    check_pairwise_options("random", num_negatives, n)
+    device = generator.device if generator is not None else torch.device("cpu")
+    taken = torch.arange(n, device=device).unsqueeze(1)  # (n, 1): the positive is never a negative
+    for t in range(num_negatives):
+        r = torch.randint(n - 1 - t, (n,), generator=generator, device=device)  # (n,) rank among the free
+        for column in taken.sort(dim=1).values.unbind(1):  # ascending: r-th free index
+            r = r + (r >= column).long()
+        taken = torch.cat([taken, r.unsqueeze(1)], dim=1)  # (n, t + 2)
+    return taken[:, 1:]  # (n, num_negatives)
+
+
+def hard_negatives(similarity: Tensor, num_negatives: int, offset: int = 0) -> Tensor:
+    """For each row i of a (B, N) similarity block, the ``num_negatives`` most similar columns j != offset + i.
+
+    Row i's positive is column ``offset + i`` (rank r's rows of a global batch: offset r * B). Uses the
+    values detached (mining picks pairs; it is not differentiated). Returns (B, num_negatives) int64,
+    most similar first.
+    """
+    if similarity.ndim != 2 or not 0 <= offset <= similarity.shape[1] - similarity.shape[0]:
+        raise ValueError(f"similarity must be a (B, N) block with its positives at columns offset..offset+B-1, "
+                         f"got {tuple(similarity.shape)} with offset {offset}")
+    b, n = similarity.shape
+    check_pairwise_options("hard", num_negatives, n)
+    rows = torch.arange(b, device=similarity.device)
+    scores = similarity.detach().clone()  # (B, N)
+    scores[rows, rows + offset] = float("-inf")  # the positive can never win
+    return scores.topk(num_negatives, dim=1).indices  # (B, num_negatives)
+
+
 def sample_negatives(
     similarity: Tensor,
     num_negatives: int,
@@ -264,24 +322,16 @@ def sample_negatives(
 ) -> Tensor:
     """For each row i of a (B, B) similarity matrix, pick ``num_negatives`` columns j != i.
 
-    ``hard=False``: uniformly at random without replacement (reproducible with a seeded
-    ``generator``). ``hard=True``: the highest-similarity wrong columns, most similar first.
-    Returns a (B, num_negatives) int64 tensor of text indices; never the positive ``i``.
+    ``hard=False``: ``random_negatives`` (uniform without replacement, reproducible with a seeded
+    ``generator``; the similarity values are not used). ``hard=True``: ``hard_negatives``, the
+    highest-similarity wrong columns, most similar first. Returns (B, num_negatives) int64 on the
+    similarity's device; never the positive ``i``.
     """
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity must be (B, B), got {tuple(similarity.shape)}")
-    b = similarity.shape[0]
-    if not 1 <= num_negatives <= b - 1:
-        raise ValueError(f"num_negatives must be in 1..{b - 1} for a batch of {b}, got {num_negatives}")
-    eye = torch.eye(b, dtype=torch.bool, device=similarity.device)
     if hard:
-        scores = similarity.detach().float()  # (B, B)
-    else:
-        # Random keys, then the top-k of those: a uniform sample without replacement.
-        device = generator.device if generator is not None else similarity.device
-        scores = torch.rand(b, b, generator=generator, device=device).to(similarity.device)  # (B, B)
-    scores = scores.masked_fill(eye, float("-inf"))  # the positive can never win
-    return scores.topk(num_negatives, dim=1).indices  # (B, num_negatives)
+        return hard_negatives(similarity, num_negatives)
+    return random_negatives(similarity.shape[0], num_negatives, generator).to(similarity.device)
 
 
 def pairwise_loss(
@@ -290,22 +340,55 @@ def pairwise_loss(
     logit_scale: Tensor,
     logit_bias: Tensor,
     num_negatives: int = 1,
-    hard: bool = False,
+    negatives: str = "random",
     generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Tensor:
-    """Binary image-text matching on the B positive pairs and B * num_negatives sampled negatives.
+    """Binary image-text matching (the ITM loss of ALBEF / BLIP, on dual-encoder scores), both directions.
 
-    Pairs are scored ``logit_scale * cos + logit_bias``; negatives are texts of other images in
-    the batch (random or hardest, see ``sample_negatives``). Single-process only: it takes no
-    rank / world_size, and under DDP each rank samples negatives from its own batch.
+    Every pair is scored ``logit_scale * cos + logit_bias``. Over a contrastive batch of N pairs the
+    binary cross-entropy is averaged over N * (1 + 2K) pairs, K = ``num_negatives``:
+    - the N matched pairs (image i, text i), label 1;
+    - for each image i, K texts j != i, label 0;
+    - for each text j, K images i != j, label 0 (chosen independently of the image side).
+    ``negatives="random"``: uniform among the other N - 1 without replacement, drawn from
+    ``generator`` (``random_negatives``: texts for the images first, then images for the texts).
+    ``negatives="hard"``: the K most similar non-matching ones by the detached cosine similarity,
+    as ALBEF / BLIP mine ITM negatives (``hard_negatives``); there the positive is excluded only by
+    index, so a duplicate caption of an image's own can be its hard negative.
+
+    With ``world_size > 1`` features are all-gathered with gradients (``gather_features``), so N is
+    the global batch and negatives come from every rank. Rank r computes the loss of its own rows
+    (its B positives, its B images' and its B texts' negatives) as the mean over those B * (1 + 2K)
+    pairs; every rank has as many, so the mean over ranks, which DDP optimises, is the
+    single-process loss on the global batch. Random negatives: every rank draws the global (N, K)
+    choice from its ``generator`` and takes its rows, so ranks must hold the same generator state
+    (seed it the same on every rank and call the loss the same number of times); the draw then
+    equals the single-process draw exactly.
     """
     _check_features(image_features, text_features)
-    similarity = image_features @ text_features.T  # (B, B) cosine similarities
-    logits = logit_scale * similarity + logit_bias  # (B, B)
-    negatives = sample_negatives(similarity.detach(), num_negatives, hard, generator)  # (B, K)
-    pos = logits.diagonal()  # (B,)
-    neg = logits.gather(1, negatives)  # (B, K)
-    return pairwise_matching_loss(pos, neg)
+    b = image_features.shape[0]
+    n = b * world_size  # the contrastive (global) batch
+    check_pairwise_options(negatives, num_negatives, n)
+    if world_size > 1 and negatives == "random" and generator is None:
+        raise ValueError("random pairwise negatives under world_size > 1 need a generator with the same state "
+                         "on every rank (the default generator's state is not shared)")
+    all_image, all_text = gather_features(image_features, text_features, rank, world_size)  # (N, D) each
+    offset = rank * b  # this rank's rows of the global batch
+    if negatives == "hard":
+        with torch.no_grad():
+            neg_texts = hard_negatives(image_features @ all_text.T, num_negatives, offset)  # (B, K)
+            neg_images = hard_negatives(text_features @ all_image.T, num_negatives, offset)  # (B, K)
+    else:
+        rows = slice(offset, offset + b)
+        neg_texts = random_negatives(n, num_negatives, generator)[rows].to(image_features.device)  # (B, K)
+        neg_images = random_negatives(n, num_negatives, generator)[rows].to(image_features.device)  # (B, K)
+    pos = (image_features * text_features).sum(-1)  # (B,) cosines of the matched pairs
+    image_text = torch.einsum("bd,bkd->bk", image_features, all_text[neg_texts])  # (B, K) image i, text j
+    text_image = torch.einsum("bd,bkd->bk", text_features, all_image[neg_images])  # (B, K) text j, image i
+    neg = torch.cat([image_text, text_image], dim=1)  # (B, 2K)
+    return pairwise_matching_loss(logit_scale * pos + logit_bias, logit_scale * neg + logit_bias)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -84,10 +84,12 @@ class CocaTask:
 
     def __init__(self, model: Captioner, loss: str = "infonce", contrastive_weight: float = 1.0,
                  caption_weight: float = 2.0, label_smoothing: float = 0.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, **loss_options):
         self.model = model
-        # its loss over our features; under torchrun it gathers them, so the contrastive batch is global
-        self.contrastive = ContrastiveTask(model.dual_encoder, loss, seed=seed, rank=rank, world_size=world_size)
+        # its loss over our features; under torchrun it gathers them, so the contrastive batch is global.
+        # loss_options: ContrastiveTask's (local_loss, siglip_exchange, pairwise_negatives, num_negatives)
+        self.contrastive = ContrastiveTask(model.dual_encoder, loss, seed=seed, rank=rank, world_size=world_size,
+                                           **loss_options)
         self.generator = self.contrastive.generator  # saved in checkpoints for an exact resume
         self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
         self.label_smoothing = label_smoothing
@@ -204,6 +206,9 @@ class CoCa(Captioning):
 
     def objective(self, config: RunConfig, model: Captioner, env: DistributedEnv, device: torch.device):
         cap = config.caption
-        task = CocaTask(model, config.train.loss, cap.contrastive_weight, cap.caption_weight, cap.label_smoothing,
-                        seed=config.train.seed, rank=env.rank, world_size=env.world_size)
+        t = config.train
+        task = CocaTask(model, t.loss, cap.contrastive_weight, cap.caption_weight, cap.label_smoothing,
+                        seed=t.seed, rank=env.rank, world_size=env.world_size, local_loss=t.local_loss,
+                        siglip_exchange=t.siglip_exchange, pairwise_negatives=t.pairwise_negatives,
+                        num_negatives=t.num_negatives)
         return data_parallel(task, env, device)

@@ -19,7 +19,7 @@ from vlpt.evaluate.report import EvalResult
 from vlpt.evaluate.scoring import embed_images
 from vlpt.evaluate.suite import evaluate, shapes_classifier
 from vlpt.evaluate.zero_shot import accuracy, zero_shot_logits
-from vlpt.losses import get_loss, get_siglip_loss
+from vlpt.losses import check_pairwise_options, get_loss, get_siglip_loss
 from vlpt.models.dual_encoder import DualEncoder
 from vlpt.tasks.base import TaskSpec, dual_encoder_for, pair_batches
 from vlpt.tokenization import Tokenizer
@@ -32,7 +32,8 @@ class ContrastiveTask:
     """Image-text contrastive pre-training with InfoNCE, SigLIP or the pairwise matching loss."""
 
     def __init__(self, model: nn.Module, loss: str = "infonce", rank: int = 0, world_size: int = 1,
-                 seed: int = 0, local_loss: bool = False, siglip_exchange: str = "gather"):
+                 seed: int = 0, local_loss: bool = False, siglip_exchange: str = "gather",
+                 pairwise_negatives: str = "random", num_negatives: int = 1):
         self.loss_fn = get_loss(loss)  # fails early, listing the choices
         # gather (all-gather texts) | neighbour (ring exchange); checked for every loss, so a typo
         # fails early even when the loss is not SigLIP.
@@ -40,6 +41,8 @@ class ContrastiveTask:
         if loss == "siglip":
             self.loss_fn = siglip_fn
         self.siglip_exchange = siglip_exchange
+        check_pairwise_options(pairwise_negatives, num_negatives)  # random | hard, >= 1; any loss, like the above
+        self.pairwise_negatives, self.num_negatives = pairwise_negatives, num_negatives
         self.loss = loss
         self.model = model
         self.rank, self.world_size = rank, world_size
@@ -63,7 +66,9 @@ class ContrastiveTask:
             return self.loss_fn(**args, rank=self.rank, world_size=self.world_size, local_loss=self.local_loss)
         if self.loss == "siglip":
             return self.loss_fn(**args, logit_bias=logit_bias, rank=self.rank, world_size=self.world_size)
-        return self.loss_fn(**args, logit_bias=logit_bias, generator=self.generator)
+        return self.loss_fn(**args, logit_bias=logit_bias, num_negatives=self.num_negatives,
+                            negatives=self.pairwise_negatives, generator=self.generator, rank=self.rank,
+                            world_size=self.world_size)
 
 
 def _shards_path(config: RunConfig) -> str:
@@ -124,7 +129,8 @@ class Contrastive(TaskSpec):
             trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
         t = config.train
         return ContrastiveTask(trained, t.loss, rank=env.rank, world_size=env.world_size, seed=t.seed,
-                               local_loss=t.local_loss, siglip_exchange=t.siglip_exchange)
+                               local_loss=t.local_loss, siglip_exchange=t.siglip_exchange,
+                               pairwise_negatives=t.pairwise_negatives, num_negatives=t.num_negatives)
 
     def quick_eval(self, config: RunConfig, cache_dir: Path | None) -> Callable[[nn.Module, int], dict] | None:
         """48-way zero-shot on 200 single-object validation scenes (shapes only)."""
