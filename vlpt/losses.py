@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlpt.train.distributed import all_gather_with_grad
+
 
 def _check_features(image_features: Tensor, text_features: Tensor) -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
@@ -31,15 +33,6 @@ def _check_features(image_features: Tensor, text_features: Tensor) -> None:
             "image and text features must both be (B, D) with the same shape, got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
-
-
-def _all_gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's part."""
-    # Imported here: torch.distributed.nn is not available on every build, and one process
-    # never needs it.
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)  # (world_size * B, D)
 
 
 def _check_distributed(rank: int, world_size: int) -> None:
@@ -75,7 +68,7 @@ def gather_features(
     if world_size == 1:
         return image_features, text_features
     _check_distributed(rank, world_size)
-    return _all_gather_with_grad(image_features), _all_gather_with_grad(text_features)
+    return all_gather_with_grad(image_features, world_size), all_gather_with_grad(text_features, world_size)
 
 
 # ----------------------------------------------------------------------------- InfoNCE (CLIP)
