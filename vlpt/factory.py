@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,7 +9,8 @@ import torch
 
 from vlpt.config import ModelConfig
 from vlpt.data.transforms import image_transform as _image_transform
-from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder
+from vlpt.io import ModelLoadError
+from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder, read_model_config
 from vlpt.models.text_towers import resolve_pretrained
 from vlpt.tokenization import Tokenizer, train_wordpiece
 
@@ -53,12 +53,14 @@ def find_model_dir(path: str | Path) -> Path:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
     """Load a model saved with ``save_pretrained`` (or the final model of a run folder)."""
     directory = find_model_dir(path)
-    kind = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
+    kind = read_model_config(directory).get("model_type")
     if kind == "vlpt-task":
-        raise ValueError(f"{path} holds a fine-tuned task model: load it with vlpt.load_task_model")
+        raise ModelLoadError(f"{path} holds a fine-tuned task model: load it with vlpt.load_task_model")
     if kind == "vlpt-captioner":
-        raise ValueError(f"{path} holds a captioner: load it with vlpt.models.load_captioner (its dual encoder "
-                         f"is in the run's dual_encoder/ folder)")
+        raise ModelLoadError(f"{path} holds a captioner: load it with vlpt.models.load_captioner (its dual encoder "
+                             f"is in the run's dual_encoder/ folder)")
+    if kind is not None:
+        raise ModelLoadError(f"{path} holds a {kind} model, not a dual encoder")
     return DualEncoder.from_pretrained(directory, device=device)
 
 
