@@ -160,6 +160,8 @@ def print_metrics(metrics: dict, where: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpt", description="Vision-language pre-training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a named config or YAML file, then evaluate it")
@@ -170,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run once the new one completes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config (values, task, paths), print it as YAML and exit: no data, no model")
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run with fusion and a task head, then evaluate")
     p.add_argument("--task", required=True, choices=TASKS, help="classify: image -> class; match: image + caption "
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config (values, paths), print it as YAML and exit: no data, no model")
 
     p = sub.add_parser("ask", help="answer a question about an image with a vqa model")
     p.add_argument("image", type=Path)
@@ -257,11 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (a bad path, config, image, model folder or option) prints one line,
+    ``vlpt: error: ...``, to stderr and returns 2 (``--debug``: the traceback too); a bug raises."""
+    from vlpt.io import ModelLoadError
+
+    # User errors, by class: ValueError stands for the library's checks of arguments and data (ConfigError,
+    # ImageLoadError and ModelLoadError are ValueErrors that name what is wrong); OSError for paths the
+    # operating system refuses (missing, a folder, no permission). Anything else is a bug and raises.
+    user_errors = (ConfigError, ImageLoadError, ModelLoadError, FileNotFoundError, FileExistsError, OSError,
+                   ValueError)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "train":
+        if args.command in ("train", "finetune") and args.dry_run:  # check the config, print it, start nothing
+            import yaml
+
+            from vlpt.config import apply_overrides, to_dict, validate_config
+
+            if args.command == "train":
+                from vlpt.train.caption import TASKS as TRAIN_TASKS  # the task registry's names, once there is one
+
+                cfg = validate_config(load_config(args.config, args.overrides), TRAIN_TASKS, check_paths=True)
+            else:
+                from vlpt.train.finetune import finetune_config
+
+                cfg = validate_config(apply_overrides(finetune_config(
+                    load_config(args.config), args.task, args.fusion, args.from_run, args.freeze_towers),
+                    args.overrides), check_paths=True)
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        elif args.command == "train":
             cmd_train(args.config, args.name, args.runs_dir, args.resume, args.overwrite, args.overrides)
         elif args.command == "finetune":
             cmd_finetune(args.task, args.fusion, args.from_run, args.freeze_towers, args.config, args.name,
@@ -296,8 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_data_shards(args.src, args.out, args.shard_size, args.split, args.size, args.image_size, args.overwrite)
         elif args.command == "configs":
             print("\n".join(list_configs()))
-    except (ConfigError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"vlpt: error: {err}", file=sys.stderr)
+    except user_errors as err:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        print(f"vlpt: error: {message}", file=sys.stderr)
         return 2
     return 0
 
