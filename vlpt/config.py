@@ -80,7 +80,7 @@ def one_of(choices: Iterable[str]) -> Rule:
     def rule(v: str):
         if v in choices:
             return None
-        close = difflib.get_close_matches(v, choices, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(v.lower(), choices, n=1, cutoff=0.6)
         return f"choose from {' | '.join(choices)}", f"did you mean {close[0]!r}?" if close else ""
     return rule
 
@@ -506,9 +506,10 @@ def _field_names(cls: type) -> list[str]:
 
 def _unknown_key(problems: _Problems, key: str, cls: type, where: str, scope: str | None = "") -> None:
     names = _field_names(cls)
-    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key).lower(), names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    problems.add(f"{where}{key}", f"unknown config key ({hint}valid keys{' in ' + where[:-1] if where else ''}: "
+    shown = key if isinstance(key, str) and re.fullmatch(r"[\w-]+", key) else repr(key)
+    problems.add(f"{where}{shown}", f"unknown config key ({hint}valid keys{' in ' + where[:-1] if where else ''}: "
                                   f"{', '.join(sorted(names))})", scope)
 
 
