@@ -58,3 +58,14 @@ def tiny_run_config(steps: int = 6, **overrides) -> RunConfig:
             "eval.compositional_size=48", "eval.retrieval_size=64", "eval.probe_train_size=96"]
     sets += [f"{k}={v}" for k, v in overrides.items()]
     return load_config("tiny-shapes", sets)
+
+
+TINY_CORPUS = ["a red circle", "a blue star", "a green square in the top left", "two yellow triangles"] * 4
+
+
+def save_tiny_model(directory):
+    """A tiny dual encoder (``tiny_model_config``) saved with ``save_pretrained`` into ``directory``: a
+    model folder for tests of loading and of the CLI (a couple of seconds)."""
+    from vlpt.factory import create_model
+
+    return create_model(tiny_model_config(), corpus=TINY_CORPUS).save_pretrained(directory)

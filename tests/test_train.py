@@ -75,7 +75,8 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path):
     before = (tmp_path / "r" / "metrics.json").read_text()
     with pytest.raises(RunExistsError, match="--resume"):
         run(config, tmp_path / "r")
-    bad = tiny_run_config(steps=2, **{"train.loss": "nope"})
+    bad = tiny_run_config(steps=2)
+    bad.train.loss = "nope"  # set in code: load_config would refuse it before any run
     with pytest.raises(ValueError, match="infonce"):
         run(bad, tmp_path / "r", overwrite=True)  # fails before completing: old run untouched
     assert (tmp_path / "r" / "metrics.json").read_text() == before

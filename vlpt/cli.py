@@ -10,27 +10,30 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from vlpt.config import ConfigError, apply_overrides, list_configs, load_config
+from vlpt.config import ConfigError, RunConfig, apply_overrides, list_configs, load_config, to_dict
 from vlpt.data import digits, shapes
 from vlpt.data.shapes import default_cache_dir
 from vlpt.data.shards import read_index, write_shards
 from vlpt.data.transforms import images_as_batch
 from vlpt.evaluate.report import image_grid
 from vlpt.factory import load_dual_encoder
-from vlpt.io import ImageLoadError, atomic_write
+from vlpt.io import ImageLoadError, ModelLoadError, atomic_write
 from vlpt.models.captioner import load_captioner
 from vlpt.models.decoding import DecodingConfig
 from vlpt.models.fusion import FUSION_METHODS
 from vlpt.models.generator import check_guidance_interval, load_generator
 from vlpt.models.task_model import load_task_model
 from vlpt.tasks.finetune import FINETUNE_TASKS, finetune_config
-from vlpt.train.run import CONFIG_FILE, evaluate_run, read_run_config, run
+from vlpt.train.distributed import DistributedEnv
+from vlpt.train.run import CONFIG_FILE, check_run, evaluate_run, read_run_config, run
 from vlpt.train.trainer import TrainingStopped
 
 DEFAULT_RUNS = Path("runs")
@@ -38,28 +41,34 @@ DEFAULT_CONFIG = "tiny-shapes"
 
 
 def cmd_train(config: str | None, name: str | None, runs_dir: Path, resume: bool, overwrite: bool,
-              overrides: list[str]) -> dict:
+              overrides: list[str], dry_run: bool = False) -> dict:
     """Train ``config`` (default tiny-shapes) into RUNS_DIR/NAME, then evaluate. With ``resume`` and no
-    ``config`` the run's own config.yaml is the base the overrides apply to."""
+    ``config`` the run's own config.yaml is the base the overrides apply to. ``dry_run``: check the config
+    (everything checked before a run starts), print it, start nothing."""
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     run_dir = runs_dir / (name or cfg.name)
     if resume and config is None and (run_dir / CONFIG_FILE).exists():
         cfg = apply_overrides(read_run_config(run_dir), overrides)
-    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
-    if metrics:  # empty on torchrun ranks other than 0, which write nothing
-        print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
-    return metrics
+    return start_run(cfg, run_dir, resume, overwrite, dry_run)
 
 
 def cmd_finetune(task: str, fusion: str | None, from_run: Path | None, freeze_towers: bool, config: str,
-                 name: str | None, runs_dir: Path, resume: bool, overwrite: bool, overrides: list[str]) -> dict:
+                 name: str | None, runs_dir: Path, resume: bool, overwrite: bool, overrides: list[str],
+                 dry_run: bool = False) -> dict:
     if from_run is not None and not from_run.exists():
         raise FileNotFoundError(f"--from {from_run}: no such run or model folder")
     cfg = apply_overrides(finetune_config(load_config(config), task, fusion, from_run, freeze_towers), overrides)
     default_name = task if task == "classify" else f"{task}-{cfg.finetune.fusion}"
-    run_dir = runs_dir / (name or default_name)
-    metrics = run(cfg, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
-    if metrics:
+    return start_run(cfg, runs_dir / (name or default_name), resume, overwrite, dry_run)
+
+
+def start_run(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool, dry_run: bool) -> dict:
+    if dry_run:
+        check_run(config, DistributedEnv())
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return {}
+    metrics = run(config, run_dir, resume=resume, overwrite=overwrite, cache_dir=default_cache_dir())
+    if metrics:  # empty on torchrun ranks other than 0, which write nothing
         print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
     return metrics
 
@@ -224,6 +233,8 @@ def print_metrics(metrics: dict, where: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpt", description="Vision-language pre-training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a named config or YAML file, then evaluate it")
@@ -237,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run once the new one completes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config (values, task, paths), print it as YAML and exit: no data, no model")
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run with fusion and a task head, then evaluate")
     p.add_argument("--task", required=True, choices=list(FINETUNE_TASKS), help="classify: image -> class; match: image + caption "
@@ -250,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config (values, paths), print it as YAML and exit: no data, no model")
 
     p = sub.add_parser("ask", help="answer a question about an image with a vqa model")
     p.add_argument("image", type=Path)
@@ -324,15 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (a bad path, config, image, model folder or option) prints one line,
+    ``vlpt: error: ...``, to stderr and returns 2 (``--debug``: the traceback too); a bug raises."""
+    # User errors, by class: ValueError stands for the library's checks of arguments and data (ConfigError,
+    # ImageLoadError and ModelLoadError are ValueErrors that name what is wrong); OSError for paths the
+    # operating system refuses (missing, a folder, no permission). Anything else is a bug and raises.
+    user_errors = (ConfigError, ImageLoadError, ModelLoadError, FileNotFoundError, FileExistsError, OSError,
+                   ValueError)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":
-            cmd_train(args.config, args.name, args.runs_dir, args.resume, args.overwrite, args.overrides)
+            cmd_train(args.config, args.name, args.runs_dir, args.resume, args.overwrite, args.overrides,
+                      args.dry_run)
         elif args.command == "finetune":
             cmd_finetune(args.task, args.fusion, args.from_run, args.freeze_towers, args.config, args.name,
-                         args.runs_dir, args.resume, args.overwrite, args.overrides)
+                         args.runs_dir, args.resume, args.overwrite, args.overrides, args.dry_run)
         elif args.command == "ask":
             cmd_ask(args.image, args.question, args.model)
         elif args.command == "match":
@@ -357,8 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_data_shards(args.src, args.out, args.shard_size, args.split, args.size, args.image_size, args.overwrite)
         elif args.command == "configs":
             print("\n".join(list_configs()))
-    except (ConfigError, ImageLoadError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"vlpt: error: {err}", file=sys.stderr)
+    except user_errors as err:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        print(f"vlpt: error: {message}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # preempted (75), non-finite loss (65), final checkpoint not written (74)
         print(f"vlpt: {err}", file=sys.stderr)

@@ -12,7 +12,8 @@ from vlpt.config import ModelConfig
 from vlpt.data.transforms import image_transform as _image_transform
 from vlpt.models import captioner, generator, task_model
 from vlpt.models.captioner import Captioner, load_captioner
-from vlpt.models.dual_encoder import DualEncoder, find_model_dir, read_model_config
+from vlpt.io import ModelLoadError
+from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder, find_model_dir, read_model_config
 from vlpt.models.generator import TextToImageGenerator, load_generator
 from vlpt.models.task_model import TaskModel, load_task_model
 from vlpt.models.text_towers import resolve_pretrained
@@ -36,8 +37,8 @@ def model_kind(path: str | Path) -> type[nn.Module]:
     kind = read_model_config(directory).get("model_type")
     if kind not in MODEL_KINDS:
         known = ", ".join(k for k in MODEL_KINDS if k)
-        raise ValueError(f"{directory} holds an unknown kind of model ({kind!r}); vlpt saves a dual encoder "
-                         f"(no model_type) or one of {known}")
+        raise ModelLoadError(f"{directory / CONFIG_NAME}: an unknown kind of model ({kind!r}); vlpt saves a dual "
+                             f"encoder (no model_type) or one of {known}")
     return MODEL_KINDS[kind]
 
 
@@ -78,8 +79,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEnco
     model is an error that names the loader to use (``load`` takes any kind)."""
     kind = model_kind(path)
     if kind is not DualEncoder:
-        raise ValueError(f"{path} holds a {kind.__name__}, not a dual encoder: load it with vlpt.load "
-                         f"(a captioner's or generator's dual encoder: vlpt.factory.load_dual_encoder)")
+        raise ModelLoadError(f"{path} holds a {kind.__name__}, not a dual encoder: load it with vlpt.load "
+                             f"(the dual encoder it is built on: vlpt.factory.load_dual_encoder)")
     return DualEncoder.from_pretrained(find_model_dir(path), device=device)
 
 

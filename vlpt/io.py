@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import struct
 import tempfile
+import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,18 +106,45 @@ class ImageLoadError(ValueError):
     """An image file that is missing or cannot be decoded; the message names the file."""
 
 
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded (corrupt weights, an unreadable config.json, another kind of
+    model); the message names the file."""
+
+
+# What PIL raises on a file that is not a well-formed image of a format it knows: UnidentifiedImageError
+# and truncated data are OSErrors, and malformed headers surface as these others.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB (grayscale, RGBA and palette images are converted)."""
+    """Open an image as RGB (grayscale, RGBA and palette images are converted).
+
+    ImageLoadError, naming the file, for a missing file, a folder, a file that is not an image or is
+    truncated, and an image larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (a "decompression bomb": PIL warns
+    above the limit and refuses above twice it; both are refused here)."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ImageLoadError(f"cannot read image {path}: it is a folder, not an image file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)  # transparent pixels become white
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ImageLoadError(f"cannot read image {path}: {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA")
+                    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                    img = Image.alpha_composite(background, img)  # transparent pixels become white
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))  # PIL: "Image size (N pixels) exceeds limit of ..."
+        size = f"{int(pixels[1]):,} pixels" if pixels else "its size"
+        raise ImageLoadError(f"cannot read image {path}: {size} is over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                             f"(PIL.Image.MAX_IMAGE_PIXELS), a possible decompression bomb; raise the limit if "
+                             f"you trust the file") from err
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(f"cannot read image {path}: not an image file of a format PIL knows") from err
+    except _DECODE_ERRORS as err:
+        raise ImageLoadError(f"cannot read image {path}: {' '.join(str(err).split()) or type(err).__name__}") from err

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlpt.config import PAIRWISE_NEGATIVES
 from vlpt.train.distributed import all_gather_with_grad
 
 
@@ -252,7 +253,6 @@ def pairwise_matching_loss(scores_pos: Tensor, scores_neg: Tensor) -> Tensor:
 
 
 # How the pairwise loss picks its negatives (TrainConfig.pairwise_negatives).
-PAIRWISE_NEGATIVES = ("random", "hard")
 
 
 def check_pairwise_options(negatives: str, num_negatives: int, batch_size: int | None = None) -> None:

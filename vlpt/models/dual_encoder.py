@@ -5,18 +5,20 @@ The model returns normalised features and the temperature; losses live in ``vlpt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlpt.config import ModelConfig, from_dict, to_dict
-from vlpt.io import atomic_directory
+from vlpt.io import ModelLoadError, atomic_directory
 from vlpt.models.image_towers import ImageTower
 from vlpt.models.text_towers import TextTower, in_row_chunks
 from vlpt.tokenization import Tokenizer
@@ -166,8 +168,12 @@ class DualEncoder(SavesPretrained, nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
         directory = Path(directory)
         data = read_model_config(directory)
+        if data.get("model_type") is not None:  # a captioner, generator or task model keeps its encoder inside
+            raise ModelLoadError(f"{directory / CONFIG_NAME}: a {data['model_type']} model, not a dual encoder")
         config = from_dict(ModelConfig, data, where=str(directory / CONFIG_NAME))
-        model = cls(config, read_tokenizer(directory, config.text.context_length), load_pretrained_weights=False)
+        tokenizer = read_tokenizer(directory, config.text.context_length)
+        with described_by(directory / CONFIG_NAME):
+            model = cls(config, tokenizer, load_pretrained_weights=False)
         return load_weights(model, directory, device)
 
 
@@ -191,20 +197,73 @@ def find_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"no vlpt model in {path} (expected {CONFIG_NAME} there or in {path / 'model'})")
 
 
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def described_by(config_path: Path) -> Iterator[None]:
+    """Building a model from a saved config: a ValueError (a value no tower accepts, such as an unknown
+    timm model) becomes a ModelLoadError naming the config file."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except ValueError as err:
+        raise ModelLoadError(f"{config_path}: cannot build the model it describes ({_short(err)})") from err
+
+
 def read_model_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.exists():
+    """A model folder's config.json as a dict; FileNotFoundError / ModelLoadError naming the file."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vlpt model folder (no {CONFIG_NAME})")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({_short(err)})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object (the model's config), got {type(data).__name__}")
+    return data
 
 
 def read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
-    return Tokenizer.from_pretrained(directory / TOKENIZER_DIR, context_length) if (directory / TOKENIZER_DIR).exists() \
-        else None
+    path = Path(directory) / TOKENIZER_DIR
+    if not path.exists():
+        return None
+    try:
+        return Tokenizer.from_pretrained(path, context_length)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # transformers reading bad files
+        raise ModelLoadError(f"{path}: not a readable tokenizer ({_short(err)})") from err
+    except Exception as err:  # the Rust tokenizers library raises plain Exception for a malformed tokenizer.json
+        if type(err) is not Exception:
+            raise
+        raise ModelLoadError(f"{path}: not a readable tokenizer ({_short(err)})") from err
 
 
 def load_weights(model: nn.Module, directory: Path, device: str | torch.device = "cpu"):
-    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+    """Load ``directory``'s model.safetensors into ``model`` (eval mode, on ``device``); FileNotFoundError or
+    ModelLoadError naming the file when it is missing, corrupt, truncated or made for another model."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (the model's weights); is the folder complete?")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{path}: not a readable safetensors file, corrupt or truncated ({err})") from err
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(names)} {what} (first: {names[0]})" for names, what in
+                 ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape, file vs model"))
+                 if names]
+        raise ModelLoadError(f"{path}: the weights do not match the model its {CONFIG_NAME} describes: "
+                             f"{'; '.join(parts)}")
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -225,7 +284,9 @@ class BuiltOnEncoder(SavesPretrained):
         directory = Path(directory)
         config, dual = read_with_encoder(directory, cls.MODEL_TYPE, cls.CONFIG_SECTION, cls.CONFIG_CLASS,
                                          cls.DESCRIPTION)
-        return load_weights(cls(config, dual), directory, device)
+        with described_by(directory / CONFIG_NAME):
+            model = cls(config, dual)
+        return load_weights(model, directory, device)
 
 
 def write_with_encoder(directory: Path, model_type: str, section: str, config, model: nn.Module,
@@ -242,9 +303,13 @@ def read_with_encoder(directory: Path, model_type: str, section: str, config_cls
     data = read_model_config(directory)
     if data.get("model_type") != model_type:
         kind = data.get("model_type") or "a dual encoder"
-        raise ValueError(f"{directory} holds {kind}, not {what} ({model_type})")
+        raise ModelLoadError(f"{directory} holds {kind}, not {what} ({model_type})")
     where = str(directory / CONFIG_NAME)
+    for key in (section, "dual_encoder"):
+        if not isinstance(data.get(key), dict):
+            raise ModelLoadError(f"{where}: no {key!r} section (a JSON object), so not a complete {what}")
     config = from_dict(config_cls, data[section], where=f"{where}:{section}")
     dual_config = from_dict(ModelConfig, data["dual_encoder"], where=f"{where}:dual_encoder")
     tokenizer = read_tokenizer(directory, dual_config.text.context_length)
-    return config, DualEncoder(dual_config, tokenizer, load_pretrained_weights=False)
+    with described_by(directory / CONFIG_NAME):
+        return config, DualEncoder(dual_config, tokenizer, load_pretrained_weights=False)

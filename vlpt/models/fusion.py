@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSION_METHODS = ("concat", "sum", "gated", "cross")
+from vlpt.config import FUSION_METHODS  # the names live in vlpt.config, which checks configs against them
 
 
 @dataclass

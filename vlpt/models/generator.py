@@ -39,14 +39,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlpt.config import GeneratorConfig, SamplingConfig, from_dict, to_dict
+from vlpt.config import PREDICTION_TYPES, GeneratorConfig, SamplingConfig, from_dict, to_dict
 from vlpt.io import atomic_write_text
 from vlpt.models.dual_encoder import BuiltOnEncoder, DualEncoder, find_model_dir
 
 __all__ = ["GeneratorConfig", "SamplingConfig", "TextToImageGenerator", "check_guidance_interval", "check_sampling",
            "classifier_free_guidance", "load_generator"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 MODEL_TYPE = "vlpt-generator"  # config.json's "model_type": tells a generator folder from a dual encoder's
 SAMPLING_NAME = "sampling.json"  # a generator folder's default sampling settings (SamplingConfig)
 

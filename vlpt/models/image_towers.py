@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vlpt.config import ImageTowerConfig
+from vlpt.config import IMAGE_POOLS, ImageTowerConfig
 
 # Tiny CPU presets: (timm architecture, keyword overrides). Plain data, not registered into timm.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -26,7 +26,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "vit-tiny": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)),
     "vit-small": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=256, depth=4, num_heads=4)),
 }
-POOLS = ("attn", "avg", "timm")
+POOLS = IMAGE_POOLS  # the names live in vlpt.config, which checks configs against them
 
 
 def list_image_towers() -> list[str]:

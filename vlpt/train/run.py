@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlpt.config import ConfigError, RunConfig, from_dict, load_config, save_config, to_dict
+from vlpt.config import ConfigError, RunConfig, from_dict, load_config, save_config, to_dict, validate_config
 from vlpt.data.splits import dataset_options_not_applying
 from vlpt.evaluate.report import write_model_card, write_report
 from vlpt.models.dual_encoder import TOKENIZER_DIR
-from vlpt.tasks import MODEL_DIR, TaskSpec, get_task
+from vlpt.tasks import MODEL_DIR, TaskSpec, get_task, task_names
 from vlpt.tokenization import Tokenizer
 from vlpt.train.checkpoint import latest_checkpoint
 from vlpt.train.distributed import DistributedEnv, barrier, cleanup, init_distributed
@@ -68,15 +68,24 @@ def options_not_applying(config: RunConfig, task: TaskSpec) -> list[str]:
 
 
 def check_run(config: RunConfig, env: DistributedEnv) -> TaskSpec:
-    """The run's task, after checking everything that can be checked before any data is loaded: the task's
-    own rules and the process layout. Options that do not apply are logged."""
+    """The run's task, after checking everything that can be checked before any data is loaded: every value,
+    ``train.task`` among the registered tasks, the paths it reads, the task's own rules and the process
+    layout, all reported together in one ConfigError. Options that do not apply are logged."""
+    try:
+        validate_config(config, task_names(), check_paths=True)
+        problems = []
+    except ConfigError as err:
+        if config.train.task not in task_names():
+            raise
+        problems = list(err.problems)
     task = get_task(config.train.task)
-    problems = task.check(config, env)
+    problems += [p for p in task.check(config, env) if p not in problems]
     if config.train.batch_size % env.world_size:
         problems.append(f"train.batch_size={config.train.batch_size} must be divisible by the number of "
                         f"processes ({env.world_size}): every rank takes an equal slice of the global batch")
     if problems:
-        raise ConfigError(f"config {config.name!r} cannot run as train.task={task.name}: " + "; ".join(problems))
+        raise ConfigError(f"config {config.name!r} cannot run as train.task={task.name}: " + "; ".join(problems),
+                          problems)
     for note in options_not_applying(config, task):
         log.warning("%s; ignored", note)
     return task
