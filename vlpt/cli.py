@@ -33,7 +33,7 @@ from vlpt.models.generator import check_guidance_interval, load_generator
 from vlpt.models.task_model import load_task_model
 from vlpt.tasks.finetune import FINETUNE_TASKS, finetune_config
 from vlpt.train.distributed import DistributedEnv
-from vlpt.train.run import CONFIG_FILE, check_run, evaluate_run, read_run_config, run
+from vlpt.train.run import CONFIG_FILE, check_run, evaluate_run, read_run_config, resume_dir, run
 from vlpt.train.trainer import TrainingStopped
 
 DEFAULT_RUNS = Path("runs")
@@ -47,8 +47,8 @@ def cmd_train(config: str | None, name: str | None, runs_dir: Path, resume: bool
     (everything checked before a run starts), print it, start nothing."""
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
     run_dir = runs_dir / (name or cfg.name)
-    if resume and config is None and (run_dir / CONFIG_FILE).exists():
-        cfg = apply_overrides(read_run_config(run_dir), overrides)
+    if resume and config is None and (resume_dir(run_dir) / CONFIG_FILE).exists():
+        cfg = apply_overrides(read_run_config(resume_dir(run_dir)), overrides)
     return start_run(cfg, run_dir, resume, overwrite, dry_run)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlpt.config import RunConfig
+from vlpt.config import RunConfig, TrainConfig
 from vlpt.data.pairs import PairBatches, RankSlice
 from vlpt.data.splits import Pairs, applies
 from vlpt.evaluate.report import EvalResult
@@ -30,6 +30,7 @@ from vlpt.tokenization import Tokenizer
 from vlpt.train.distributed import DistributedEnv
 
 MODEL_DIR = "model"  # a run's final model, inside the run folder
+CONTRASTIVE_LOSS_OPTIONS = ("loss", "local_loss", "siglip_exchange", "pairwise_negatives", "num_negatives")
 
 
 class Objective(Protocol):
@@ -53,6 +54,7 @@ class TaskSpec(ABC):
     sections: ClassVar[tuple[str, ...]] = ()
     datasets: ClassVar[tuple[str, ...]] = ("shapes", "digits", "files")  # data.dataset values it trains on
     gradcache: ClassVar[bool] = False  # train.accum_mode=gradcache (one contrastive batch over micro-batches)
+    contrastive_loss: ClassVar[bool] = False  # reads train.loss and its options
 
     def check(self, config: RunConfig, env: DistributedEnv) -> list[str]:
         """Problems with ``config`` for this task (each names the key); [] when it can run. Checked before any
@@ -67,8 +69,14 @@ class TaskSpec(ABC):
         return problems
 
     def unused_options(self, config: RunConfig) -> list[str]:
-        """Options set away from their defaults that this task does not read (the lifecycle logs them)."""
-        return []
+        """Options set away from their defaults that this task does not read (the lifecycle logs them; options
+        of other tasks' sections and of other data sets are found by the lifecycle itself)."""
+        if self.contrastive_loss:
+            return []
+        defaults = TrainConfig()
+        return [f"train.{key}={getattr(config.train, key)!r} does not apply to train.task={self.name} (no "
+                f"contrastive loss)" for key in CONTRASTIVE_LOSS_OPTIONS
+                if getattr(config.train, key) != getattr(defaults, key)]
 
     @abstractmethod
     def load_data(self, config: RunConfig, cache_dir: Path | None) -> Any:

@@ -203,6 +203,7 @@ class Captioning(TaskSpec):
 class CoCa(Captioning):
     name = "coca"
     description = "CoCa: contrastive + captioning losses on one image forward"
+    contrastive_loss = True
 
     def objective(self, config: RunConfig, model: Captioner, env: DistributedEnv, device: torch.device):
         cap = config.caption

@@ -83,6 +83,7 @@ class Contrastive(TaskSpec):
     description = "contrastive pre-training of a dual encoder (InfoNCE | SigLIP | pairwise)"
     datasets = ("shapes", "digits", "files", "shards")
     gradcache = True
+    contrastive_loss = True
 
     def check(self, config: RunConfig, env: DistributedEnv) -> list[str]:
         problems = super().check(config, env)

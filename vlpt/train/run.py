@@ -259,19 +259,30 @@ def aside_dir(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.new"
 
 
+def resume_dir(run_dir: Path) -> Path:
+    """The folder a resume of ``run_dir`` continues: an interrupted ``--overwrite`` run's, if there is one."""
+    return aside_dir(run_dir) if (aside_dir(run_dir) / CONFIG_FILE).exists() else run_dir
+
+
 def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
         cache_dir=None) -> dict[str, float]:
     """Train then evaluate, for any task. A new run never writes over an old one: without ``overwrite`` an
     existing run folder is an error; with it, the new run is built aside and swapped in only when complete.
     ``resume`` continues the run's latest complete checkpoint with the run's own config (``config`` may
-    change only ``RESUMABLE_KEYS``). Under torchrun, ranks other than 0 train alongside and write nothing;
-    after a torchrun restart (``--max-restarts``) every rank resumes from the latest complete checkpoint."""
+    change only ``RESUMABLE_KEYS``); an ``overwrite`` run that was interrupted (preempted, killed) is resumed
+    where it trains, and replaces ``run_dir`` when it completes. Under torchrun, ranks other than 0 train
+    alongside and write nothing; after a torchrun restart (``--max-restarts``) every rank resumes from the
+    latest complete checkpoint."""
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces it; choose one")
-    target = aside_dir(run_dir) if overwrite else run_dir
+    restarted = restart_count() > 0
+    replacing = overwrite or ((resume or restarted) and resume_dir(run_dir) != run_dir)
+    target = aside_dir(run_dir) if replacing else run_dir
+    if replacing and not overwrite:
+        log.info("resuming the interrupted --overwrite run in %s; it replaces %s when it completes", target, run_dir)
     changed: dict[str, tuple[Any, Any]] = {}
-    if resume or restart_count() > 0:
+    if resume or restarted:
         if (target / CONFIG_FILE).exists():
             config, changed = merge_for_resume(read_run_config(target), config)
             if changed:
@@ -292,7 +303,7 @@ def run(config: RunConfig, run_dir: str | Path, resume: bool = False, overwrite:
     if env.rank != 0:
         return {}
     metrics = evaluate_run(target, model, {"train_seconds": seconds}, cache_dir)
-    if overwrite:
+    if replacing:
         swap_into_place(target, run_dir)
     return metrics
 
