@@ -88,8 +88,9 @@ class TaskSpec(ABC):
         resumed checkpoint's vocabulary, to be used for a from-scratch text tower; None: train one."""
 
     @abstractmethod
-    def dual_encoder(self, model: nn.Module) -> DualEncoder:
-        """The dual encoder inside ``model`` (its config is recorded as the run's ``model`` section)."""
+    def dual_encoder(self, model: nn.Module) -> DualEncoder | None:
+        """The dual encoder inside ``model`` (its config is recorded as the run's ``model`` section); None for
+        a model without one."""
 
     @abstractmethod
     def batches(self, config: RunConfig, data: Any, model: nn.Module, env: DistributedEnv) -> Batches:

@@ -141,7 +141,9 @@ def prepare(config: RunConfig, run_dir: Path, resume: bool = False, cache_dir=No
     if checkpoint is not None and (checkpoint / TOKENIZER_DIR).exists():  # the vocabulary it was trained with
         tokenizer = Tokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, config.model.text.context_length)
     model = task.build_model(config, data, tokenizer)
-    config.model = task.dual_encoder(model).config  # config.yaml records the towers used (base run, vocabulary)
+    towers = task.dual_encoder(model)
+    if towers is not None:
+        config.model = towers.config  # config.yaml records the towers used (base run, vocabulary)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
@@ -229,7 +231,8 @@ def evaluate_run(run_dir: str | Path, model: nn.Module | None = None, extra: dic
     if (run_dir / MODEL_DIR).exists():
         write_model_card(run_dir / MODEL_DIR, f"vlpt {task.name} model: {config.name}",
                          {**facts, "config": f"../{CONFIG_FILE}",
-                          "architecture": architecture_description(config)}, metrics)
+                          "architecture": architecture_description(config) if task.dual_encoder(model) is not None
+                          else type(model).__name__}, metrics)
     return metrics
 
 
