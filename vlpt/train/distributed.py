@@ -71,7 +71,19 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
         # NCCL needs each process on its own GPU before the first collective.
         torch.cuda.set_device(local_rank)
     kwargs = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    else:
+        # After a torchrun restart (--max-restarts) the store still holds the previous attempt's process-group
+        # keys, each rank's old address among them: a rank that starts first reads its peer's dead address and
+        # gives up ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#167288). A key prefix
+        # per attempt keeps every attempt's rendezvous to itself.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=rank == 0 and not agent_store, timeout=timeout or timedelta(minutes=30))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"vlpt/attempt_{attempt}", store),
+                                rank=rank, world_size=world_size, **kwargs)
     return DistributedEnv(rank=rank, local_rank=local_rank, world_size=world_size, backend=backend)
 
 

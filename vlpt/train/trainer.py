@@ -400,6 +400,7 @@ class Trainer:
                     bar.update(1)
 
                     if not nonfinite and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                        parts = self._mean_over_ranks(parts)
                         elapsed = time.perf_counter() - window_start
                         row = {"step": self.step, "lr": lr, **parts,
                                "images_per_s": window_images / max(elapsed, 1e-9), "world_size": self.world_size}
@@ -439,6 +440,16 @@ class Trainer:
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             flags = agreed.tolist()
         return {name: flag - 1 for name, flag in zip(names, flags) if flag}, bool(flags[-1])
+
+    def _mean_over_ranks(self, parts: dict[str, float]) -> dict[str, float]:
+        """The loss parts averaged over ranks, as logged: what DDP optimises when each rank holds its slice's
+        loss (ranks that compute the global batch's loss, as the gathering contrastive losses do, agree)."""
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return parts
+        names = sorted(parts)
+        values = torch.tensor([parts[name] for name in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return {name: value / self.world_size for name, value in zip(names, values.tolist())}
 
     def _agree_to_stop(self) -> bool:
         """Whether any rank got a stop signal (one all_reduce under torch.distributed)."""
