@@ -137,3 +137,18 @@ def test_load_returns_the_saved_kind(tmp_path):
         load(tmp_path / "dual")
     with pytest.raises(FileNotFoundError, match="no vlpt model"):
         load(tmp_path / "nothing")
+
+
+def test_tensorboard_gets_the_logged_rows_and_a_log_file_gets_lines_not_redraws(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_run_config(steps=3, **{"train.report_to": "[jsonl, tensorboard]", "train.checkpoint_every": 0})
+    with caplog.at_level(logging.INFO, logger="vlpt.train.trainer"):
+        fit(config, tmp_path / "r")  # pytest's stderr is not a terminal: no progress bar
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    scalars = {e.step: e.value for e in events.Scalars("loss")}
+    assert scalars == pytest.approx(losses(tmp_path / "r"), rel=1e-6)  # float32 in the event file
+    assert "grad_norm" in events.Tags()["scalars"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]

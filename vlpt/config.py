@@ -50,6 +50,7 @@ TEXT_POOLS = ("mean", "cls")
 FINETUNE_TASKS = ("classify", "match", "vqa")  # vlpt.tasks.finetune (train.task names; every task: vlpt.tasks)
 PAIRWISE_NEGATIVES = ("random", "hard")  # vlpt.losses.pairwise_loss
 NONFINITE_ACTIONS = ("stop", "skip")  # vlpt.train.trainer.Trainer
+REPORT_SINKS = ("jsonl", "tensorboard")  # vlpt.train.trainer.Trainer: where training rows go
 FUSION_METHODS = ("concat", "sum", "gated", "cross")
 INIT_HEADS = ("zero_shot", "random")  # vlpt.train.finetune
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")  # those both DDPM and DDIM (diffusers) know
@@ -212,6 +213,7 @@ class TrainConfig:
     keep_cpu_memory: bool = True  # CPU: malloc keeps freed memory for the next step (no page faults); process-wide
     compile: bool = False  # torch.compile the model for training; falls back to eager (with a warning) if it fails
     max_seconds: float = checked(0.0, at_least(0))  # > 0: a time budget; training stops (and the model is saved) at the step reached
+    report_to: tuple[str, ...] = checked(("jsonl",), each(one_of(REPORT_SINKS)))  # jsonl (log.jsonl, always written) | tensorboard (RUN/tensorboard/, needs the tensorboard package)
     ema_decay: float = checked(0.0, between(0, 1, hi_open=True))  # > 0: keep an exponential moving average of the weights; the final model is the average
     nonfinite: str = checked("stop", one_of(NONFINITE_ACTIONS))  # NaN/inf loss, loss part or grad norm: stop (no update; resume from the last checkpoint) | skip (drop that batch's update)
     max_nonfinite_skips: int = checked(3, at_least(0))  # nonfinite=skip: consecutive skipped steps allowed; the next non-finite one stops the run

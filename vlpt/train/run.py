@@ -8,6 +8,7 @@ model card), ``metrics.json``, ``report.md`` and its PNG figures.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -80,6 +81,9 @@ def check_run(config: RunConfig, env: DistributedEnv) -> TaskSpec:
         problems = list(err.problems)
     task = get_task(config.train.task)
     problems += [p for p in task.check(config, env) if p not in problems]
+    if "tensorboard" in config.train.report_to and importlib.util.find_spec("tensorboard") is None:
+        problems.append("train.report_to includes tensorboard, which needs the tensorboard package: "
+                        "pip install 'vlpt[tensorboard]'")
     if config.train.batch_size % env.world_size:
         problems.append(f"train.batch_size={config.train.batch_size} must be divisible by the number of "
                         f"processes ({env.world_size}): every rank takes an equal slice of the global batch")

@@ -12,6 +12,7 @@ import logging
 import math
 import platform
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -188,6 +189,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def tensorboard_writer(directory: Path):
+    """A TensorBoard SummaryWriter into ``directory``; a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+    except ImportError as err:
+        raise ValueError("train.report_to includes tensorboard, which needs the tensorboard package: "
+                         "pip install 'vlpt[tensorboard]' (or pip install tensorboard)") from err
+    return SummaryWriter(log_dir=str(directory))
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The rows of a run's ``log.jsonl`` (training and periodic-eval rows), or [] if there is none."""
     if not path.exists():
@@ -231,6 +242,7 @@ class Trainer:
         self.weight_average = WeightAverage(self.save_model, config.ema_decay) if config.ema_decay else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.tensorboard = None  # a SummaryWriter while fit runs, with train.report_to tensorboard (rank 0)
         self.out_of_time = False  # fit stopped by config.max_seconds before config.steps
         self.nonfinite_skips = 0  # consecutive steps skipped for a non-finite loss or gradient (nonfinite=skip)
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded; never pruned by this trainer
@@ -295,6 +307,20 @@ class Trainer:
         if self.rank == 0:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.tensorboard is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tensorboard.add_scalar(key, value, global_step=row["step"])
+
+    def _open_reports(self) -> None:
+        """Rank 0's extra sinks for the log rows (``train.report_to``); log.jsonl is always written."""
+        if self.rank == 0 and "tensorboard" in self.config.report_to and self.tensorboard is None:
+            self.tensorboard = tensorboard_writer(self.run_dir / "tensorboard")
+
+    def _close_reports(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def save_checkpoint(self, must_succeed: bool = True) -> Path | None:
         """Write a checkpoint of the current step (rank 0 only; other ranks return None).
@@ -352,7 +378,10 @@ class Trainer:
         if self.weight_average is not None:
             self.weight_average.to(self.device)
         autocast = autocast_context(self.device, cfg.precision)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        # A bar on a terminal; in a log file (not a TTY) no per-step redraws: a line per log row instead.
+        interactive = self.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not interactive, desc="train", dynamic_ncols=True)
+        self._open_reports()
         window_images, window_start = 0, time.perf_counter()
         eager_model = self.task.model
         self._stop_signal = None
@@ -407,6 +436,9 @@ class Trainer:
                         self._log(row)
                         bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}",
                                         img_s=f"{row['images_per_s']:.0f}")
+                        if self.rank == 0 and not interactive:
+                            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f images/s", self.step, cfg.steps,
+                                     parts["loss"], lr, row["images_per_s"])
                         window_images, window_start = 0, time.perf_counter()
                     if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                         self.model.eval()
@@ -421,6 +453,7 @@ class Trainer:
             finally:
                 bar.close()
                 self.task.model = eager_model
+                self._close_reports()
         if self._checkpoint_step != self.step:  # (not written already by a periodic save or the resume)
             self.save_checkpoint()  # the trained weights (and their average): resume continues exactly
         if self.weight_average is not None and self.finished:
