@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_close_to_scale, tiny_model_config, tiny_run_config
+from vlpt.cli import cmd_caption
 from vlpt.config import CaptionerConfig
 from vlpt.data.shapes import Scene, ShapeObject, ShapesConfig, ShapesDataset
 from vlpt.evaluate.captioning import (
@@ -24,7 +25,6 @@ from vlpt.factory import create_model
 from vlpt.io import ImageLoadError
 from vlpt.models.captioner import Captioner, load_captioner
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
-from vlpt.cli import cmd_caption
 from vlpt.tasks import get_task
 from vlpt.tasks.caption import CaptionTask, CocaTask
 from vlpt.train.run import run as run_caption

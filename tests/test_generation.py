@@ -25,8 +25,8 @@ from vlpt.evaluate.generation import (
     shapes_prompt,
     train_judge,
 )
-from vlpt.models.generator import images_to_pixels, load_generator
 from vlpt.evaluate.report import image_grid
+from vlpt.models.generator import images_to_pixels, load_generator
 
 # ----------------------------------------------------------------------------- metrics
 

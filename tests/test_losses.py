@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlpt.config import TrainConfig, load_config
 from vlpt.losses import (
     LOSSES,
-    SIGLIP_EXCHANGES,
     PAIRWISE_NEGATIVES,
+    SIGLIP_EXCHANGES,
     binary_matching_loss,
     check_pairwise_options,
     gather_features,
@@ -27,7 +28,6 @@ from vlpt.losses import (
     siglip_loss,
     siglip_neighbour_loss,
 )
-from vlpt.config import TrainConfig, load_config
 from vlpt.tasks.contrastive import ContrastiveTask
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import tiny_run_config
 from tests.test_files import png_header, write_shapes_folder
-from vlpt.cli import main
+from vlpt.cli import cmd_data_shards, main
 from vlpt.config import save_config
 from vlpt.data.shapes import ShapesConfig, ShapesDataset
 from vlpt.data.shards import (
@@ -25,7 +25,6 @@ from vlpt.data.shards import (
     shard_captions,
     write_shards,
 )
-from vlpt.cli import cmd_data_shards
 from vlpt.tokenization import Tokenizer, train_wordpiece
 
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from vlpt.config import ModelConfig
 from vlpt.data.transforms import image_transform as _image_transform
+from vlpt.io import ModelLoadError
 from vlpt.models import captioner, generator, task_model
 from vlpt.models.captioner import Captioner, load_captioner
-from vlpt.io import ModelLoadError
 from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder, find_model_dir, read_model_config
 from vlpt.models.generator import TextToImageGenerator, load_generator
 from vlpt.models.task_model import TaskModel, load_task_model

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -143,8 +144,6 @@ def siglip_loss(
 
 def _p2p_shift(x: Tensor, send_to: int, recv_from: int) -> Tensor:
     """Send ``x`` to rank ``send_to`` and return the tensor of the same shape from ``recv_from``."""
-    import torch.distributed as dist
-
     x = x.contiguous()
     received = torch.empty_like(x)
     # Posted together, so no rank blocks in a send while its peer is itself still sending.

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from vlpt.io import load_image
+
 
 def image_transform(image_size: int = 64, mean: Sequence[float] = (0.5, 0.5, 0.5),
                     std: Sequence[float] = (0.25, 0.25, 0.25)) -> Callable[[Image.Image], torch.Tensor]:
@@ -28,8 +30,6 @@ def images_as_batch(images, image_size: int = 64, mean: Sequence[float] = (0.5, 
     """A model-ready batch from a tensor or array (returned as is: uint8 (B, H, W, 3) or normalised float
     (B, 3, H, W)) or a sequence of file paths / PIL images (loaded as RGB, resized, normalised); a file that
     cannot be read raises ImageLoadError naming it."""
-    from vlpt.io import load_image
-
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if isinstance(images, torch.Tensor):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from vlpt.io import atomic_directory
 from vlpt.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder
@@ -83,8 +84,6 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME):
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(checkpoint / WEIGHTS_NAME), framework="pt") as f:
             f.keys()

@@ -60,9 +60,8 @@ def options_not_applying(config: RunConfig, task: TaskSpec) -> list[str]:
     """Options set away from their defaults that the run's task or data set does not read."""
     defaults = _flat(to_dict(RunConfig()))
     values = _flat(to_dict(config))
-    notes = [f"{key}={values[key]!r} does not apply to train.task={task.name} (only "
-             f"{', '.join(t for t in TASK_SECTIONS if t == key.split('.')[0])} tasks read it)"
-             for key in values
+    notes = [f"{key}={values[key]!r} does not apply to train.task={task.name} (other tasks read the "
+             f"{key.split('.')[0]} section)" for key in values
              if key.split(".")[0] in TASK_SECTIONS and key.split(".")[0] not in task.sections
              and values[key] != defaults[key]]
     return notes + dataset_options_not_applying(config.data) + task.unused_options(config)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -70,8 +72,6 @@ class CheckpointWriteError(TrainingStopped):
 # What a checkpoint write that runs out of disk raises: OSError from Python writes, RuntimeError from
 # torch.save's zip writer, SafetensorError from safetensors (both wrap the OS error in their message).
 def _write_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
     return OSError, RuntimeError, SafetensorError
 
 
@@ -287,8 +287,6 @@ class Trainer:
         checkpoint = latest_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
             return False
-        from safetensors.torch import load_file
-
         self.save_model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
         self.load_state_dict(load_trainer_state(checkpoint))
         self.resumed_from = self.last_checkpoint = checkpoint
