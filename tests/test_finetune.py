@@ -56,7 +56,7 @@ def test_color_swaps_between_objects_happen():
         same_words = sorted(o.color for o in swapped.objects) == sorted(o.color for o in scene.objects) and \
             sorted(o.shape for o in swapped.objects) == sorted(o.shape for o in scene.objects)
         bindings += same_words
-    assert bindings > 30
+    assert bindings > 15  # about 15% of scenes (30 of 200 expected, sd 5; 0.149 measured over 3,000)
 
 
 def test_hard_negatives_skip_captions_that_are_secretly_true():

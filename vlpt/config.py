@@ -223,6 +223,7 @@ class TrainConfig:
 class EvalConfig:
     zero_shot_size: int = checked(1000, at_least(1))  # single-object test scenes for 48-way / shape / color zero-shot
     compositional_size: int = checked(500, at_least(1))  # single-object scenes with held-out (color, shape) pairs
+    layout_size: int = checked(500, at_least(1))  # single-object scenes with held-out (shape, cell) places
     retrieval_size: int = checked(1000, at_least(1))  # test scenes (1-3 objects, all captions) for recall@K
     probe_train_size: int = checked(2000, at_least(1))  # single-object train scenes for the linear probe
     batch_size: int = checked(256, at_least(1))

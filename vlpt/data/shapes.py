@@ -48,8 +48,11 @@ CLASS_NAMES = tuple(f"{c} {s}" for c in COLOR_NAMES for s in SHAPES)
 
 # (color, shape) pairs that never appear in training images or captions: one per color.
 COMPOSITIONAL_PAIRS = tuple((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOR_NAMES))
+# (shape, cell) pairs that never appear in training images, captions or questions (the layout split): each
+# shape misses one cell of the grid, every row and column loses some; scenes of split "layout" show them.
+LAYOUT_PAIRS = (("circle", 8), ("square", 0), ("triangle", 4), ("star", 2), ("hexagon", 6), ("cross", 3))
 
-SPLITS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
+SPLITS = {"train": 0, "val": 1, "test": 2, "compositional": 3, "layout": 4}
 
 SHAPE_SYNONYMS = {
     "circle": ("circle", "disk"),
@@ -67,7 +70,7 @@ ANSWERS = tuple(
 )
 QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation")
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 def class_index(color: str, shape: str) -> int:
@@ -138,20 +141,29 @@ def sample_scene(
     counts = np.arange(min_objects, max_objects + 1)
     weights = np.asarray(count_weights, float)[counts - 1]
     n = int(rng.choice(counts, p=weights / weights.sum()))
-    cells = rng.choice(9, size=n, replace=False)
-    held_out = set(COMPOSITIONAL_PAIRS)
+    if split == "layout":  # the primary object stands in a held-out (shape, cell) place
+        layout_shape, first = LAYOUT_PAIRS[int(rng.integers(len(LAYOUT_PAIRS)))]
+        others = [c for c in range(9) if c != first]
+        cells = [first, *rng.choice(others, size=n - 1, replace=False)]
+    else:
+        cells = rng.choice(9, size=n, replace=False)
+    held_out, held_out_layout = set(COMPOSITIONAL_PAIRS), set(LAYOUT_PAIRS)
     objects = []
     for k, cell in enumerate(cells):
         while True:
             color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
-            shape = SHAPES[rng.integers(len(SHAPES))]
+            shape = layout_shape if split == "layout" and k == 0 else SHAPES[rng.integers(len(SHAPES))]
             pair_held_out = (color, shape) in held_out
-            # Compositional scenes show a held-out pair as the primary object; every other
-            # split (and every other object) never shows one.
+            place_held_out = (shape, int(cell)) in held_out_layout
+            # Compositional scenes show a held-out (color, shape) pair as the primary object, layout scenes a
+            # held-out (shape, cell) place; no other split (and no other object) ever shows either.
             if split == "compositional" and k == 0:
-                if pair_held_out:
+                if pair_held_out and not place_held_out:
                     break
-            elif not pair_held_out:
+            elif split == "layout" and k == 0:
+                if not pair_held_out:
+                    break
+            elif not pair_held_out and not place_held_out:
                 break
         objects.append(ShapeObject(
             shape=shape, color=color, size=SIZES[rng.integers(2)], cell=int(cell),
@@ -169,23 +181,25 @@ def edit_scene(scene: Scene, rng: np.random.Generator, num_captions: int) -> Sce
     """A minimal edit: one attribute (shape, color, size or cell) of one object changes.
 
     Shown in the same batch as the original, the pair is a hard negative by construction: only the
-    changed word tells the two captions apart. Held-out (color, shape) pairs are never created.
+    changed word tells the two captions apart. Held-out (color, shape) pairs and (shape, cell) places are
+    never created.
     """
-    held_out = set(COMPOSITIONAL_PAIRS)
+    held_out, held_out_layout = set(COMPOSITIONAL_PAIRS), set(LAYOUT_PAIRS)
     objects = list(scene.objects)
     k = int(rng.integers(len(objects)))
     obj = objects[k]
     # Mostly shape and color edits: those are the words a model most easily ignores.
     attribute = ("shape", "color", "size", "cell")[int(rng.choice(4, p=[0.7, 0.2, 0.05, 0.05]))]
     if attribute == "shape":
-        options = [s for s in SHAPES if s != obj.shape and (obj.color, s) not in held_out]
+        options = [s for s in SHAPES if s != obj.shape and (obj.color, s) not in held_out
+                   and (s, obj.cell) not in held_out_layout]
     elif attribute == "color":
         options = [c for c in COLOR_NAMES if c != obj.color and (c, obj.shape) not in held_out]
     elif attribute == "size":
         options = [s for s in SIZES if s != obj.size]
     else:
         used = {o.cell for o in objects}
-        options = [c for c in range(9) if c not in used]
+        options = [c for c in range(9) if c not in used and (obj.shape, c) not in held_out_layout]
     if not options:  # a full grid: change the size instead
         attribute, options = "size", [s for s in SIZES if s != obj.size]
     objects[k] = dataclasses.replace(obj, **{attribute: options[int(rng.integers(len(options)))]})
@@ -208,7 +222,7 @@ def swap_attributes(scene: Scene, rng: np.random.Generator, num_captions: int = 
     only binding each color to its shape tells the captions apart."""
     objects = list(scene.objects)
     signature = pair_signature(scene)
-    held_out = set(COMPOSITIONAL_PAIRS)
+    held_out, held_out_layout = set(COMPOSITIONAL_PAIRS), set(LAYOUT_PAIRS)
     if len(objects) >= 2 and rng.random() < 0.5:
         i, j = (int(k) for k in rng.choice(len(objects), size=2, replace=False))
         a, b = objects[i], objects[j]
@@ -228,7 +242,8 @@ def swap_attributes(scene: Scene, rng: np.random.Generator, num_captions: int = 
             changed = dataclasses.replace(obj, shape=SHAPES[int(rng.integers(len(SHAPES)))])
         objects[k] = changed
         edited = Scene(objects=list(objects), background=scene.background)
-        if (changed.color, changed.shape) not in held_out and pair_signature(edited) != signature:
+        if ((changed.color, changed.shape) not in held_out and (changed.shape, changed.cell) not in held_out_layout
+                and pair_signature(edited) != signature):
             break
     edited.captions = make_captions(edited, rng, num_captions)
     return edited
@@ -329,8 +344,8 @@ def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
     if rng.random() < 0.5:
         o = objs[int(rng.integers(len(objs)))]
         qs.append(Question(f"is there a {o.color} {o.shape}?", "yes", "existence"))
-    else:
-        present = {(o.color, o.shape) for o in objs}
+    else:  # an absent pair, never a held-out one: no question may name the compositional split's pairs
+        present = {(o.color, o.shape) for o in objs} | set(COMPOSITIONAL_PAIRS)
         while True:
             color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -421,7 +436,7 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator, supers
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    split: str = "train"  # train | val | test | compositional
+    split: str = "train"  # train | val | test | compositional | layout
     size: int = 1000  # number of scenes
     image_size: int = 64  # pixels, 32..224
     min_objects: int = 1
@@ -444,6 +459,18 @@ class ShapesConfig:
             raise ValueError("twins (minimal-edit pairs) are a training aid; held-out splits stay i.i.d.")
 
 
+def make_scenes(config: ShapesConfig) -> list[Scene]:
+    """The scenes of a split, without pixels (what ``ShapesDataset`` renders; leakage checks read these)."""
+    scenes: list[Scene] = []
+    for i in range(config.size):
+        if config.twins and i % 2 == 1:
+            scenes.append(edit_scene(scenes[i - 1], _scene_rng(config.seed, config.split, i, 2), config.num_captions))
+        else:
+            scenes.append(sample_scene(config.seed, config.split, i, config.min_objects, config.max_objects,
+                                       config.num_captions, config.count_weights))
+    return scenes
+
+
 class ShapesDataset:
     """A rendered split of the shapes world.
 
@@ -453,14 +480,7 @@ class ShapesDataset:
 
     def __init__(self, config: ShapesConfig, cache_dir: str | Path | None = None):
         self.config = config
-        self.scenes = []
-        for i in range(config.size):
-            if config.twins and i % 2 == 1:
-                twin = edit_scene(self.scenes[i - 1], _scene_rng(config.seed, config.split, i, 2), config.num_captions)
-                self.scenes.append(twin)
-            else:
-                self.scenes.append(sample_scene(config.seed, config.split, i, config.min_objects,
-                                                config.max_objects, config.num_captions, config.count_weights))
+        self.scenes = make_scenes(config)
         self.captions = [s.captions for s in self.scenes]
         self.labels = np.array([s.primary.label for s in self.scenes], np.int64)
         self.shape_labels = np.array([SHAPES.index(s.primary.shape) for s in self.scenes], np.int64)

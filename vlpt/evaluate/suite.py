@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vlpt.config import DataConfig, EvalConfig
 from vlpt.data import digits, shapes
@@ -23,24 +24,48 @@ from vlpt.evaluate.zero_shot import (
     COLOR_CLASS_NAMES,
     SHAPE_CLASS_NAMES,
     SHAPES_TEMPLATES,
+    SHAPES_TRAIN_TEMPLATES,
     accuracy,
     build_prompt_classifier,
     build_zero_shot_classifier,
     confusion_matrix,
+    format_prompt,
     zero_shot_logits,
 )
 from vlpt.models.dual_encoder import DualEncoder
 
 
-def shapes_classifier(model: DualEncoder) -> torch.Tensor:
-    """The 48-way (color, shape) zero-shot classifier (D, 48) from the prompt-template ensemble."""
-    return build_zero_shot_classifier(lambda texts: embed_texts(model, texts), shapes.CLASS_NAMES, SHAPES_TEMPLATES)
+def shapes_classifier(model: DualEncoder, templates: Sequence[str] = SHAPES_TEMPLATES) -> torch.Tensor:
+    """The 48-way (color, shape) zero-shot classifier (D, 48) from a prompt-template ensemble (default: the
+    held-out wording)."""
+    return build_zero_shot_classifier(lambda texts: embed_texts(model, texts), shapes.CLASS_NAMES, templates)
 
 
-def digits_classifier(model: DualEncoder) -> torch.Tensor:
-    """The 10-way digits zero-shot classifier (D, 10) from prompts never used as training captions."""
-    prompts = [[digits.fill_template(t, label) for t in digits.EVAL_TEMPLATES] for label in range(digits.NUM_CLASSES)]
+def digits_classifier(model: DualEncoder, templates: Sequence[str] = digits.EVAL_TEMPLATES) -> torch.Tensor:
+    """The 10-way digits zero-shot classifier (D, 10) from prompts (default: never used as training captions)."""
+    prompts = [[digits.fill_template(t, label) for t in templates] for label in range(digits.NUM_CLASSES)]
     return build_prompt_classifier(lambda texts: embed_texts(model, texts), prompts)
+
+
+# Every shapes zero-shot figure is measured with the held-out wording (the headline key) and with the training
+# captions' wording (the same key + _seen_templates): the gap is what the wording alone was worth.
+WORDINGS = ((SHAPES_TEMPLATES, ""), (SHAPES_TRAIN_TEMPLATES, "_seen_templates"))
+
+
+def position_classifiers(model: DualEncoder, templates: Sequence[str]) -> torch.Tensor:
+    """(48, D, 9): for each (color, shape) class, its 9 cells as prompts ("... a red circle in the top left")."""
+    encode = lambda texts: embed_texts(model, texts)
+    return torch.stack([build_prompt_classifier(encode, [[format_prompt(t, f"{name} {phrase}") for t in templates]
+                                                         for phrase in shapes.POSITION_PHRASES])
+                        for name in shapes.CLASS_NAMES])
+
+
+def position_accuracy(features: torch.Tensor, scenes: Sequence[shapes.Scene], classifiers: torch.Tensor) -> float:
+    """9-way: where is each single-object scene's object, given its color and shape (chance 1/9)."""
+    labels = torch.tensor([s.primary.label for s in scenes])
+    cells = torch.tensor([s.primary.cell for s in scenes])
+    logits = torch.einsum("nd,ndc->nc", F.normalize(features.float(), dim=-1), classifiers[labels])  # (N, 9)
+    return (logits.argmax(1) == cells).float().mean().item()
 
 
 def _retrieval(model: DualEncoder, images: np.ndarray, captions: Sequence[Sequence[str]], batch_size: int,
@@ -54,7 +79,9 @@ def _retrieval(model: DualEncoder, images: np.ndarray, captions: Sequence[Sequen
 
 
 def evaluate_shapes(model: DualEncoder, data: DataConfig, config: EvalConfig, cache_dir=None) -> EvalResult:
-    """Zero-shot (48-way, shape, color, compositional), retrieval on 1-3 object scenes, linear probe."""
+    """Zero-shot on single-object scenes: 48-way (color, shape), shape, color and position (9-way) on test
+    scenes, 48-way and position on held-out combinations (the compositional split: unseen (color, shape)
+    pairs; the layout split: unseen (shape, cell) places); retrieval on 1-3 object scenes; a linear probe."""
     def load(split: str, size: int, single: bool) -> shapes.ShapesDataset:
         return load_split(data, split, size, single, cache_dir)
 
@@ -62,22 +89,32 @@ def evaluate_shapes(model: DualEncoder, data: DataConfig, config: EvalConfig, ca
     bs = config.batch_size
     encode = lambda texts: embed_texts(model, texts)
     single = load("test", config.zero_shot_size, single=True)
-    features = embed_images(model, single.images, bs)
-    classifier = shapes_classifier(model)
-    logits = zero_shot_logits(features, classifier)
-    labels = torch.from_numpy(single.labels)
-    metrics = accuracy(logits, labels, topk=(1, 5), prefix="zeroshot_")
-    confusion = confusion_matrix(logits.argmax(1), labels, shapes.NUM_CLASSES)
-    shape_clf = build_zero_shot_classifier(encode, SHAPE_CLASS_NAMES, SHAPES_TEMPLATES)
-    metrics |= accuracy(zero_shot_logits(features, shape_clf), torch.from_numpy(single.shape_labels),
-                        prefix="zeroshot_shape_")
-    color_clf = build_zero_shot_classifier(encode, COLOR_CLASS_NAMES, SHAPES_TEMPLATES)
-    metrics |= accuracy(zero_shot_logits(features, color_clf), torch.from_numpy(single.color_labels),
-                        prefix="zeroshot_color_")
-
     comp = load("compositional", config.compositional_size, single=True)
-    comp_logits = zero_shot_logits(embed_images(model, comp.images, bs), classifier)
-    metrics |= accuracy(comp_logits, torch.from_numpy(comp.labels), prefix="zeroshot_compositional_")
+    layout = load("layout", config.layout_size, single=True)
+    features = embed_images(model, single.images, bs)
+    comp_features, layout_features = embed_images(model, comp.images, bs), embed_images(model, layout.images, bs)
+    labels = torch.from_numpy(single.labels)
+    metrics: dict[str, float] = {}
+    for templates, suffix in WORDINGS:
+        classifier = shapes_classifier(model, templates)
+        logits = zero_shot_logits(features, classifier)
+        if not suffix:
+            confusion = confusion_matrix(logits.argmax(1), labels, shapes.NUM_CLASSES)
+        parts = accuracy(logits, labels, topk=(1, 5), prefix="zeroshot_")
+        shape_clf = build_zero_shot_classifier(encode, SHAPE_CLASS_NAMES, templates)
+        parts |= accuracy(zero_shot_logits(features, shape_clf), torch.from_numpy(single.shape_labels),
+                          prefix="zeroshot_shape_")
+        color_clf = build_zero_shot_classifier(encode, COLOR_CLASS_NAMES, templates)
+        parts |= accuracy(zero_shot_logits(features, color_clf), torch.from_numpy(single.color_labels),
+                          prefix="zeroshot_color_")
+        parts |= accuracy(zero_shot_logits(comp_features, classifier), torch.from_numpy(comp.labels),
+                          prefix="zeroshot_compositional_")
+        parts |= accuracy(zero_shot_logits(layout_features, classifier), torch.from_numpy(layout.labels),
+                          prefix="zeroshot_layout_")
+        where = position_classifiers(model, templates)
+        parts["zeroshot_position_top1"] = position_accuracy(features, single.scenes, where)
+        parts["zeroshot_layout_position_top1"] = position_accuracy(layout_features, layout.scenes, where)
+        metrics |= {f"{key}{suffix}": value for key, value in parts.items()}
 
     scenes = load("test", config.retrieval_size, single=False)
     retrieval, examples = _retrieval(model, scenes.images, scenes.captions, bs)
@@ -99,6 +136,8 @@ def evaluate_digits(model: DualEncoder, data: DataConfig, config: EvalConfig) ->
     logits = zero_shot_logits(features, digits_classifier(model))
     labels = torch.from_numpy(test.labels)
     metrics = accuracy(logits, labels, prefix="zeroshot_")
+    seen = zero_shot_logits(features, digits_classifier(model, digits.TRAIN_TEMPLATES))
+    metrics |= {f"{k}_seen_templates": v for k, v in accuracy(seen, labels, prefix="zeroshot_").items()}
     confusion = confusion_matrix(logits.argmax(1), labels, digits.NUM_CLASSES)
     metrics |= linear_probe(embed_images(model, train.images, config.batch_size), train.labels, features, test.labels)
     return EvalResult(metrics, confusion, digits.CLASS_NAMES)
@@ -121,11 +160,27 @@ def _common_labels(train, test) -> tuple[np.ndarray, np.ndarray] | None:
     return renumber(train), renumber(test)
 
 
+def held_out_prompts(class_names: Sequence[str], templates: Sequence[str], captions: Sequence[Sequence[str]]
+                     ) -> tuple[list[list[str]], int]:
+    """Each class's prompts without those that are word for word (case and spacing aside) a training caption,
+    and how many were dropped; a class whose every prompt is a training caption keeps them all (there is no
+    other wording to ask with)."""
+    seen = {" ".join(c.lower().split()) for caps in captions for c in caps}
+    prompts, dropped = [], 0
+    for name in class_names:
+        texts = [format_prompt(t, name) for t in templates]
+        kept = [t for t in texts if " ".join(t.lower().split()) not in seen]
+        dropped += len(texts) - len(kept)
+        prompts.append(kept or texts)
+    return prompts, dropped
+
+
 def evaluate_user_data(model: DualEncoder, data: DataConfig, config: EvalConfig) -> EvalResult:
     """The user's own data (files / shards): image<->text retrieval recall@K over the first
     ``eval.retrieval_size`` images with all their captions; zero-shot over the first
-    ``eval.zero_shot_size`` labeled images when the labels are class names (prompts
-    ``USER_TEMPLATES``); a linear probe (train images -> held-out images) when both are labeled.
+    ``eval.zero_shot_size`` labeled images when the labels are class names (prompts ``USER_TEMPLATES``,
+    less any that is word for word a training caption: ``zeroshot_prompts_dropped`` counts them); a linear
+    probe (train images -> held-out images) when both are labeled.
 
     With ``data.eval_path`` set these are held-out figures. Without it the only images are the
     training images: retrieval and zero-shot are then measured on them and every key starts with
@@ -145,7 +200,9 @@ def evaluate_user_data(model: DualEncoder, data: DataConfig, config: EvalConfig)
     labeled = np.flatnonzero(test.labels >= 0)[:config.zero_shot_size]
     if test.class_names and len(labeled):
         class_names = test.class_names
-        classifier = build_zero_shot_classifier(lambda texts: embed_texts(model, texts), class_names, USER_TEMPLATES)
+        prompts, dropped = held_out_prompts(class_names, USER_TEMPLATES, train.captions)
+        classifier = build_prompt_classifier(lambda texts: embed_texts(model, texts), prompts)
+        metrics[f"{prefix}zeroshot_prompts_dropped"] = dropped
         logits = zero_shot_logits(embed_images(model, test.images[labeled], bs), classifier)
         labels = torch.from_numpy(test.labels[labeled])
         metrics |= accuracy(logits, labels, topk=(1, 5), prefix=f"{prefix}zeroshot_")

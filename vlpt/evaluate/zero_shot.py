@@ -4,7 +4,7 @@ Each class becomes a text embedding: every template is filled with the class nam
 the embeddings are averaged and re-normalised. An image is classified by cosine similarity to
 these class embeddings.
 
-Shapes-world conventions (the formatted names read like the training captions):
+Shapes-world conventions (class names read like the training captions; the templates around them do not):
 - 48-way (color, shape): ``vlpt.data.shapes.CLASS_NAMES``, e.g. "red circle", in label order.
 - shape-only: ``SHAPE_CLASS_NAMES`` = the shape words, e.g. "circle", in ``SHAPES`` order.
 - color-only: ``COLOR_CLASS_NAMES`` = "<color> shape", e.g. "red shape", in ``COLOR_NAMES`` order.
@@ -24,14 +24,25 @@ from torch import Tensor
 
 from vlpt.data.shapes import COLOR_NAMES, SHAPES
 
-# Mirrors the caption templates in vlpt.data.shapes.make_captions, around a single object.
-SHAPES_TEMPLATES = (
+# The wording of the training captions (vlpt.data.shapes.make_captions) around a single object: reported with
+# the suffix _seen_templates, to show how much of a score is the training wording.
+SHAPES_TRAIN_TEMPLATES = (
     "a {}",
     "a picture of a {}",
     "an image showing a {}",
     "there is a {}",
     "a {} on a textured background",
     "a scene with a {}",
+)
+# The headline figures' prompts: wording no training caption uses (tests/test_leakage.py checks it). Words the
+# captions never contain ("photo", "drawing", ...) are the point: the text tower must read the class name.
+SHAPES_TEMPLATES = (
+    "a photo of a {}",
+    "a drawing of a {}",
+    "an illustration of a {}",
+    "a rendering of the {}",
+    "this image contains a {}",
+    "a {} drawn on a noisy backdrop",
 )
 SHAPE_CLASS_NAMES = tuple(SHAPES)
 COLOR_CLASS_NAMES = tuple(f"{c} shape" for c in COLOR_NAMES)
