@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -59,10 +60,19 @@ def flop_counter():
         aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
+def git_commit() -> dict:
+    """The commit the benchmark ran on, and whether the working tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def write_results(name: str, figures: dict, config: dict | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {**figures, "config": config or {}, "machine": machine_info()}
+    data = {**figures, "config": config or {}, "machine": machine_info(), **git_commit()}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     print_table(name, figures)
     print(f"wrote {path}")

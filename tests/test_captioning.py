@@ -299,18 +299,22 @@ def test_frozen_and_coca_gradients():
 
 def test_coca_run_then_a_decoder_on_the_frozen_dual_encoder(tmp_path):
     small = {"caption.model.width": 32, "caption.model.layers": 1, "caption.eval_size": 12,
-             "caption.grid_images": 4, "data.train_size": 64, "train.checkpoint_every": 0}
+             "caption.compositional_size": 6, "caption.grid_images": 4, "data.train_size": 64,
+             "train.checkpoint_every": 0}
     metrics = run_caption(tiny_run_config(steps=3, **{"train.task": "coca", **small}), tmp_path / "coca")
     for key in ("bleu4_greedy", "bleu4_beam", "cider_greedy", "cider_beam", "attr_acc_1obj_beam",
-                "attr_acc_3obj_greedy", "clip_score_beam", "clip_score_reference", "train_seconds"):
+                "attr_acc_3obj_greedy", "attr_acc_beam_compositional", "train_seconds"):
         assert key in metrics
+    assert not any(k.startswith("clip_score") for k in metrics)  # no independent scorer: no CLIP-score
     assert json.loads((tmp_path / "coca" / "metrics.json").read_text())["bleu4_beam"] == metrics["bleu4_beam"]
     assert (tmp_path / "coca" / "captions.png").stat().st_size > 0
     assert "captions.png" in (tmp_path / "coca" / "report.md").read_text()
 
     frozen = tiny_run_config(steps=2, **{"train.task": "caption", "caption.from_run": str(tmp_path / "coca"),
-                                         "caption.freeze_towers": True, **small})
-    run_caption(frozen, tmp_path / "frozen")
+                                         "caption.freeze_towers": True, "caption.scorer": str(tmp_path / "coca"),
+                                         **small})
+    scored = run_caption(frozen, tmp_path / "frozen")
+    assert {"clip_score_beam", "clip_score_greedy", "clip_score_reference"} <= set(scored)
     before, after = load_captioner(tmp_path / "coca"), load_captioner(tmp_path / "frozen")
     for name, tensor in before.dual_encoder.state_dict().items():
         torch.testing.assert_close(after.dual_encoder.state_dict()[name], tensor, msg=name)

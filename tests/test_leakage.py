@@ -113,3 +113,27 @@ def test_training_questions_never_name_a_held_out_pair():
     assert any(q.startswith("is there a") for q in questions)
     assert [q for q in questions if held_out_mentions(q)] == []
     assert dataclasses.replace(config, split="test") != config
+
+
+def test_generation_prompts_never_occur_in_the_generators_training_captions(training_scenes):
+    """The generator learns from the data's captions; its validation, test and compositional prompts are worded
+    with held-out templates (and validation and test share none)."""
+    from vlpt.tasks.generate import digits_prompts, shapes_prompts
+
+    captions = [c for s in training_scenes for c in s.captions]
+    config = load_config("generate-shapes")
+    gen, d = config.generate, config.data
+    prompts = {}
+    for name, split, size in (("val", "val", gen.val_size), ("test", "test", gen.eval_size),
+                              ("compositional", "compositional", gen.compositional_size)):
+        scenes = shapes.make_scenes(shapes.ShapesConfig(split=split, size=size, max_objects=1, seed=d.seed))
+        prompts[name] = shapes_prompts(scenes, "val" if name == "val" else "test")
+    assert all(leaks(p, captions) == [] for p in prompts.values())
+    assert not set(prompts["val"]) & set(prompts["test"] + prompts["compositional"])
+    train = digits.DigitsDataset(digits.DigitsConfig(split="train", image_size=8))
+    digit_captions = [c for caps in train.captions for c in caps]
+    digit_prompts = {split: digits_prompts([i % 10 for i in range(20)], split) for split in ("val", "test")}
+    assert all(leaks(p, digit_captions) == [] for p in digit_prompts.values())
+    assert not set(digit_prompts["val"]) & set(digit_prompts["test"])
+    # the old prompts ("a large red circle in the top left") were training captions word for word
+    assert leaks(["a large red square in the center"], captions)

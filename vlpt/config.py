@@ -263,6 +263,8 @@ class CaptionConfig:
     contrastive_weight: float = checked(1.0, at_least(0))  # coca: weight of the contrastive loss
     label_smoothing: float = checked(0.0, between(0, 1))  # of the captioning cross-entropy
     eval_size: int = checked(500, at_least(1))  # held-out images captioned by the evaluation (digits: its whole test split)
+    compositional_size: int = checked(200, at_least(0))  # shapes: scenes with a held-out (color, shape) pair captioned too
+    scorer: str | None = checked(None, non_blank)  # an independent dual encoder (other seed and data) for CLIP-score; None: not reported
     beam: int = checked(3, at_least(1))  # beam width of the evaluation's beam search (greedy is always evaluated too)
     length_penalty: float = 1.0  # beam search ranks by sum log p / length ** length_penalty
     grid_images: int = checked(16, at_least(0))  # test images shown with their generated captions in the report
@@ -306,13 +308,16 @@ class SamplingConfig:
 class GenerateConfig:
     model: GeneratorConfig = field(default_factory=GeneratorConfig)  # the denoiser (the towers: section model)
     from_run: str | None = checked(None, non_blank)  # pre-trained dual encoder: its text tower conditions, its image tower scores
-    eval_size: int = checked(270, at_least(1))  # held-out prompts generated per guidance scale (shapes: single objects)
+    eval_size: int = checked(270, at_least(1))  # test prompts, generated at the guidance chosen on validation (shapes: single objects)
+    val_size: int = checked(135, at_least(1))  # validation prompts, generated at every guidance scale to choose one
+    compositional_size: int = checked(135, at_least(0))  # shapes: prompts of held-out (color, shape) pairs, at the chosen guidance
+    scorer: str | None = checked(None, non_blank)  # an independent dual encoder (other seed and data than from_run) for CLIP-score; None: not reported
     guidance: tuple[float, ...] = checked((1.0, 3.0, 5.0), non_empty, each(at_least(0)))  # classifier-free guidance scales evaluated
     sampling_steps: int = checked(30, at_least(1))  # DDIM steps per image in the evaluation; at most model.train_timesteps
     sampling_eta: float = checked(0.0, between(0, 1))  # DDIM eta in the evaluation: 0 deterministic, 1 ancestral (fresh noise each step)
     guidance_interval: tuple[float, float] = checked((0.0, 1.0), fraction_interval)  # guide only at noise levels t / T in [lo, hi]; 1 = noise
     judge_steps: int = checked(600, at_least(1))  # steps training the independent judge classifier on real images
-    judge_train_size: int = checked(20000, at_least(1))  # real single-object scenes the judge learns from (shapes)
+    judge_train_size: int = checked(20000, at_least(1))  # real single-object scenes the judge learns from (shapes; digits: half the test split)
     grid_prompts: int = checked(8, at_least(0))  # prompts shown in the report's sample grid (4 samples each)
 
 
@@ -592,6 +597,11 @@ def _path_problems(config: RunConfig) -> Iterator[tuple[str, str, Any]]:
         if from_run is not None and not Path(from_run).exists():
             yield f"{section}.from_run", "must be an existing run or model folder (train one first, e.g. " \
                                          "`vlpt demo` makes runs/demo)", from_run
+    for section in ("caption", "generate"):
+        scorer = getattr(config, section).scorer
+        if scorer is not None and not Path(scorer).exists():
+            yield f"{section}.scorer", "must be an existing run or model folder (a dual encoder trained with another " \
+                                       "seed and data seed than the one it scores)", scorer
 
 
 def validate_config(config: RunConfig, task_names: Iterable[str] | None = None, *, check_paths: bool = False,

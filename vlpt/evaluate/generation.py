@@ -86,11 +86,26 @@ class Judge(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(4 * w * grid * grid, 256), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({name: nn.Linear(256, len(names)) for name, names in self.attributes.items()})
 
+    def hidden(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) of any size -> the judge's features (B, 256), before the heads."""
+        x = resize_images(images, self.config.image_size).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return self.trunk(self.features(x))  # (B, 256)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 images (B, H, W, 3) of any size -> logits per attribute {name: (B, classes)}."""
-        x = resize_images(images, self.config.image_size).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        hidden = self.trunk(self.features(x))  # (B, 256)
+        hidden = self.hidden(images)  # (B, 256)
         return {name: head(hidden) for name, head in self.heads.items()}
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """The judge's features of many images (N, 256): an encoder independent of the generator and of the
+        dual encoder that conditions it, for the Fréchet distance."""
+        was_training = self.training
+        self.eval()
+        images = torch.as_tensor(images)
+        out = np.concatenate([self.hidden(images[s:s + batch_size]).numpy() for s in range(0, len(images), batch_size)])
+        self.train(was_training)
+        return out
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
@@ -168,24 +183,7 @@ def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
     return float(((mu_r - mu_g) ** 2).sum() + np.trace(cov_r) + np.trace(cov_g) - 2 * np.trace(covmean))
 
 
-@torch.inference_mode()
-def tower_features(dual_encoder, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """The dual encoder's image-tower pooled features (N, C), images resized to the tower's input size."""
-    size = dual_encoder.config.image.image_size
-    device = dual_encoder.logit_scale.device
-    images = torch.as_tensor(images)
-    parts = []
-    for start in range(0, len(images), batch_size):
-        chunk = resize_images(images[start:start + batch_size], size).to(device)
-        parts.append(dual_encoder.image_tower.forward_pooled(chunk).float().cpu().numpy())
-    return np.concatenate(parts)
-
-
 def shapes_prompt(obj: shapes.ShapeObject) -> str:
     """The full description of one object: "a large red circle in the top left" (no synonyms)."""
     return f"{'an' if obj.size[0] in 'aeiou' else 'a'} {obj.size} {obj.color} {obj.shape} " \
            f"{shapes.POSITION_PHRASES[obj.cell]}"
-
-
-def digit_prompt(label: int) -> str:
-    return f"a handwritten digit {DIGIT_WORDS[label]}"

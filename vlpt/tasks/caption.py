@@ -31,8 +31,10 @@ from vlpt.evaluate.captioning import (
     digits_named,
     parse_shapes_caption,
 )
+from vlpt.evaluate.generation import resize_images
 from vlpt.evaluate.report import EvalResult, plot_captions
 from vlpt.evaluate.scoring import clip_score
+from vlpt.factory import load_dual_encoder
 from vlpt.models.captioner import Captioner
 from vlpt.models.decoding import DecodingConfig
 from vlpt.models.dual_encoder import DualEncoder
@@ -108,12 +110,20 @@ class CocaTask:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def resized(images: np.ndarray, scorer: DualEncoder) -> torch.Tensor:
+    """Images at the scorer's input size (it may have been trained at another resolution)."""
+    return resize_images(images, scorer.config.image.image_size)
+
+
 def evaluate_captioner(model: Captioner, config: RunConfig, cache_dir=None
                        ) -> tuple[dict[str, float], dict[str, object]]:
     """Caption held-out images greedily and with beam search; returns flat metrics and the grid data.
 
     Shapes: BLEU-4 / CIDEr-D against the five references, exact attribute accuracy (overall and by
-    object count), CLIP-score. Digits: the same, with digit-naming accuracy instead of attributes.
+    object count), and the attribute accuracy of beam captions on scenes with a held-out (color, shape) pair
+    (``<key>_beam_compositional``: does it name a pair it never saw?). Digits: the same, with digit-naming
+    accuracy instead of attributes. CLIP-score only with ``caption.scorer``, a dual encoder independent of the
+    captioner (its own encoder would score captions it was trained to agree with).
     """
     cap = config.caption
     data = config.data
@@ -125,6 +135,7 @@ def evaluate_captioner(model: Captioner, config: RunConfig, cache_dir=None
     strategies = {"greedy": DecodingConfig(strategy="greedy"),
                   "beam": DecodingConfig(strategy="beam", beam=cap.beam, length_penalty=cap.length_penalty)}
     metrics: dict[str, float] = {"caption_eval_images": len(images)}
+    scorer = load_dual_encoder(cap.scorer) if cap.scorer else None
     generated: dict[str, list[str]] = {}
     for name, decoding in strategies.items():
         start = time.perf_counter()
@@ -138,9 +149,16 @@ def evaluate_captioner(model: Captioner, config: RunConfig, cache_dir=None
         else:
             for key, value in attribute_accuracy(texts, test.scenes).items():
                 metrics[f"{key}_{name}"] = value
-        metrics[f"clip_score_{name}"] = clip_score(model.dual_encoder, images, texts)
+        if scorer is not None:
+            metrics[f"clip_score_{name}"] = clip_score(scorer, resized(images, scorer), texts)
         metrics[f"mean_words_{name}"] = float(np.mean([len(t.split()) for t in texts]))
-    metrics["clip_score_reference"] = clip_score(model.dual_encoder, images, [caps[0] for caps in test.captions])
+    if scorer is not None:
+        metrics["clip_score_reference"] = clip_score(scorer, resized(images, scorer), [c[0] for c in test.captions])
+    if data.dataset == "shapes" and cap.compositional_size:
+        held_out = load_split(data, "compositional", cap.compositional_size, cache_dir=cache_dir)
+        texts = model.generate_caption(held_out.images, strategies["beam"])
+        for key, value in attribute_accuracy(texts, held_out.scenes).items():
+            metrics[f"{key}_beam_compositional"] = value
     k = min(cap.grid_images, len(images))
     if data.dataset == "digits":
         correct = [digits_named(t) == {int(y)} for t, y in zip(generated["beam"][:k], test.labels[:k])]

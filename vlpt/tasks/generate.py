@@ -12,6 +12,7 @@ the guidance the evaluation measured best (``vlpt generate``'s defaults); the re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from vlpt.config import RunConfig, SamplingConfig
+from vlpt.data import digits as digits_data
 from vlpt.data import shapes
 from vlpt.data.digits import DigitsConfig, DigitsDataset
 from vlpt.data.splits import Pairs, load_pairs, load_split
@@ -27,16 +29,15 @@ from vlpt.evaluate.generation import (
     DIGIT_ATTRIBUTES,
     SHAPE_ATTRIBUTES,
     JudgeConfig,
-    digit_prompt,
     frechet_distance,
     resize_images,
     shapes_attribute_labels,
     shapes_prompt,
-    tower_features,
     train_judge,
 )
 from vlpt.evaluate.report import EvalResult, plot_samples
 from vlpt.evaluate.scoring import clip_score
+from vlpt.factory import load_dual_encoder
 from vlpt.models.dual_encoder import DualEncoder
 from vlpt.models.generator import TextToImageGenerator, check_guidance_interval, check_sampling, write_sampling
 from vlpt.tasks.base import MODEL_DIR, TaskSpec, data_parallel, dual_encoder_for, pair_batches
@@ -46,6 +47,7 @@ from vlpt.train.distributed import DistributedEnv
 SAMPLES_NAME = "samples.png"
 GUIDANCE_NAME = "guidance.png"
 SAMPLES_PER_PROMPT = 4  # in the report's grid
+JUDGE_SEED_OFFSET = 1000  # the judge's own seed: train.seed + this
 
 
 class GenerateTask:
@@ -71,30 +73,75 @@ class GenerateTask:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluation_set(config: RunConfig, cache_dir=None) -> dict:
-    """Held-out prompts with the attributes they ask for, real test images, and the judge's training data.
+# Held-out wording: no training caption uses these templates around a prompt's object. Validation (choosing
+# the guidance) and test (the reported figures) use different ones, so no prompt string is in both sets.
+SHAPES_PROMPT_TEMPLATES = {"val": ("a photo of {}", "a drawing of {}"),
+                           "test": ("an illustration of {}", "a rendering of {}")}
+DIGITS_PROMPT_TEMPLATES = {"val": digits_data.EVAL_TEMPLATES[:2], "test": digits_data.EVAL_TEMPLATES[2:]}
 
-    Shapes: single-object test scenes described in full ("a large red circle in the top left"); the
-    judge learns from other real single-object scenes (another data seed than the generator's).
-    Digits: "a handwritten digit N" for N cycling 0..9; the judge learns from the real train split."""
+
+def shapes_prompts(scenes: Sequence[shapes.Scene], split: str) -> list[str]:
+    """Each scene's object in full ("a large red circle in the top left") in the split's held-out templates."""
+    templates = SHAPES_PROMPT_TEMPLATES[split]
+    return [templates[i % len(templates)].format(shapes_prompt(s.primary)) for i, s in enumerate(scenes)]
+
+
+def digits_prompts(labels: Sequence[int], split: str) -> list[str]:
+    templates = DIGITS_PROMPT_TEMPLATES[split]
+    return [digits_data.fill_template(templates[i % len(templates)], int(d)) for i, d in enumerate(labels)]
+
+
+@dataclasses.dataclass
+class PromptSet:
+    """Prompts, the attributes each asks for, and real images of the same attributes."""
+    prompts: list[str]
+    labels: dict[str, np.ndarray]
+    real: np.ndarray  # real images of these prompts (shapes: their scenes; digits: real test digits)
+    real_labels: dict[str, np.ndarray]
+    other_real: np.ndarray  # a second, independent real set of the same attribute mix (the Fréchet floor)
+
+
+def rerendered(scenes: Sequence[shapes.Scene], image_size: int, seed: int) -> np.ndarray:
+    """The same scenes drawn again with other noise and texture: real images of the same prompts."""
+    return np.stack([shapes.render_scene(s, image_size, np.random.default_rng([seed, 77, i]))
+                     for i, s in enumerate(scenes)])
+
+
+def evaluation_sets(config: RunConfig, cache_dir=None) -> tuple[dict[str, PromptSet], dict]:
+    """Prompt sets ``val`` (choose the guidance), ``test`` (report) and, for shapes, ``compositional`` (held-out
+    (color, shape) pairs), all worded with held-out templates; and the judge's training data, disjoint from the
+    generator's training images. Shapes: single-object scenes of the val / test / compositional splits; the judge
+    learns from other real scenes (another data seed). Digits: the generator trains on the train split, so the
+    judge learns from the first half of the test split and real figures come from the second half."""
     data, gen = config.data, config.generate
     size = gen.model.image_size
     if data.dataset == "shapes":
-        test = load_split(data, "test", gen.eval_size, single=True, cache_dir=cache_dir)
+        sets = {}
+        for name, split, count in (("val", "val", gen.val_size), ("test", "test", gen.eval_size),
+                                   ("compositional", "compositional", gen.compositional_size)):
+            if count == 0:
+                continue
+            ds = load_split(data, split, count, single=True, cache_dir=cache_dir)
+            labels = shapes_attribute_labels(ds.scenes)
+            sets[name] = PromptSet(shapes_prompts(ds.scenes, "val" if name == "val" else "test"), labels, ds.images,
+                                   labels, rerendered(ds.scenes, size, data.seed + 1))
         judge_data = shapes.ShapesDataset(shapes.ShapesConfig(
             split="train", size=gen.judge_train_size, image_size=size, min_objects=1, max_objects=1,
             seed=data.seed + 1), cache_dir=cache_dir)
-        return {"prompts": [shapes_prompt(s.primary) for s in test.scenes],
-                "labels": shapes_attribute_labels(test.scenes), "real": test.images,
-                "attributes": SHAPE_ATTRIBUTES, "judge_images": judge_data.images,
-                "judge_labels": shapes_attribute_labels(judge_data.scenes)}
+        judge = {"images": judge_data.images, "labels": shapes_attribute_labels(judge_data.scenes),
+                 "attributes": SHAPE_ATTRIBUTES}
+        return sets, judge
     if data.dataset == "digits":
-        test = DigitsDataset(DigitsConfig(split="test", image_size=size))
-        train = DigitsDataset(DigitsConfig(split="train", image_size=size))
-        digits = np.arange(gen.eval_size) % 10
-        return {"prompts": [digit_prompt(int(d)) for d in digits], "labels": {"digit": digits},
-                "real": test.images, "real_labels": {"digit": test.labels}, "attributes": DIGIT_ATTRIBUTES,
-                "judge_images": train.images, "judge_labels": {"digit": train.labels}}
+        test = DigitsDataset(DigitsConfig(split="test", image_size=size, seed=data.seed))
+        half = len(test.images) // 2
+        real, real_labels = test.images[half:], {"digit": test.labels[half:]}
+        sets = {}
+        for name, count in (("val", gen.val_size), ("test", gen.eval_size)):
+            wanted = np.arange(count) % 10
+            sets[name] = PromptSet(digits_prompts(wanted, name), {"digit": wanted}, real, real_labels,
+                                   test.images[:half])
+        judge = {"images": test.images[:half], "labels": {"digit": test.labels[:half]}, "attributes": DIGIT_ATTRIBUTES}
+        return sets, judge
     raise ValueError(f"no judge for data.dataset={data.dataset}: the judged evaluation needs shapes or digits "
                      f"(the model trains on files, and `vlpt generate` samples from it)")
 
@@ -112,54 +159,62 @@ def generate_in_chunks(model: TextToImageGenerator, prompts: Sequence[str], guid
 
 def evaluate_generator(model: TextToImageGenerator, config: RunConfig, cache_dir=None
                        ) -> tuple[dict[str, float], dict]:
-    """Generate the held-out prompts at every guidance scale; judge, CLIP-score and Fréchet distance each.
+    """Choose the guidance on the validation prompts, then report the test prompts (and the compositional ones)
+    at that guidance only: judge accuracy per attribute, the Fréchet distance in the judge's feature space with
+    its floor (two independent real sets of the same prompts), and a CLIP-score from the independent
+    ``generate.scorer`` when one is given.
 
-    Returns flat metrics (``judge_<attribute>_acc_g<scale>``, ``clip_score_g<scale>``,
-    ``frechet_distance_g<scale>``, ``seconds_per_image_g<scale>``; the unsuffixed keys are at the best
-    guidance, the one with the highest mean judge accuracy) and the images for the report's figures."""
+    Keys: ``val_judge_mean_acc_g<scale>`` (the selection, every scale), ``best_guidance`` and
+    ``guidance_selected_on: "val"``; at it, on test prompts: ``judge_<attribute>_acc``, ``frechet_distance``,
+    ``frechet_distance_real``, ``clip_score`` / ``clip_score_real``, ``seconds_per_image``; the same with the
+    suffix ``_compositional`` for held-out pairs (shapes). Also the judge's accuracy on real images."""
     gen = config.generate
-    evalset = evaluation_set(config, cache_dir)
-    attributes = evalset["attributes"]
+    sets, judge_data = evaluation_sets(config, cache_dir)
     start = time.perf_counter()
-    judge = train_judge(evalset["judge_images"], evalset["judge_labels"], attributes,
-                        JudgeConfig(image_size=gen.model.image_size, steps=gen.judge_steps, seed=config.train.seed))
-    metrics: dict[str, float] = {"judge_train_seconds": time.perf_counter() - start,
-                                 "generation_eval_prompts": len(evalset["prompts"])}
-    real_labels = evalset.get("real_labels", evalset["labels"])
-    for name, value in judge.accuracy(evalset["real"], real_labels).items():
+    judge = train_judge(judge_data["images"], judge_data["labels"], judge_data["attributes"],
+                        JudgeConfig(image_size=gen.model.image_size, steps=gen.judge_steps,
+                                    seed=config.train.seed + JUDGE_SEED_OFFSET))
+    metrics: dict[str, float | str] = {"judge_train_seconds": time.perf_counter() - start,
+                                       "guidance_selected_on": "val"}
+    for name, value in judge.accuracy(sets["test"].real, sets["test"].real_labels).items():
         metrics[f"judge_real_{name}_acc"] = value  # the judge's ceiling: real held-out images
-    dual = model.dual_encoder
-    scored_by_pretrained = bool(gen.from_run)  # a CLIP-score needs a trained dual encoder
-    real_features = tower_features(dual, evalset["real"])
-    # The floor: real test images against as many other real images (sampling noise alone).
-    other_real = evalset["judge_images"][: len(evalset["real"])]
-    metrics["frechet_distance_real"] = frechet_distance(real_features, tower_features(dual, other_real))
-    prompts = evalset["prompts"]
-    samples: dict[float, np.ndarray] = {}
     scores: dict[float, float] = {}
+    samples: dict[float, np.ndarray] = {}
+    val = sets["val"]
     for g in gen.guidance:
-        suffix = f"_g{g:g}"
-        start = time.perf_counter()
-        images = generate_in_chunks(model, prompts, g, gen.sampling_steps, seed=config.train.seed,
+        images = generate_in_chunks(model, val.prompts, g, gen.sampling_steps, seed=config.train.seed,
                                     eta=gen.sampling_eta, guidance_interval=gen.guidance_interval)
-        metrics[f"seconds_per_image{suffix}"] = (time.perf_counter() - start) / len(prompts)
-        accuracy = judge.accuracy(images, evalset["labels"])
+        accuracy = judge.accuracy(images, val.labels)
         for name, value in accuracy.items():
-            metrics[f"judge_{name}_acc{suffix}"] = value
-        metrics[f"judge_mean_acc{suffix}"] = scores[g] = float(np.mean(list(accuracy.values())))
-        if scored_by_pretrained:
-            metrics[f"clip_score{suffix}"] = clip_score(dual, resize_images(images, dual.config.image.image_size),
-                                                        prompts)
-        metrics[f"frechet_distance{suffix}"] = frechet_distance(real_features, tower_features(dual, images))
+            metrics[f"val_judge_{name}_acc_g{g:g}"] = value
+        metrics[f"val_judge_mean_acc_g{g:g}"] = scores[g] = float(np.mean(list(accuracy.values())))
         samples[g] = images
     best = max(gen.guidance, key=lambda g: scores[g])
     metrics["best_guidance"] = best
-    for key in [k for k in metrics if k.endswith(f"_g{best:g}")]:
-        metrics[key[: -len(f"_g{best:g}")]] = metrics[key]
-    if scored_by_pretrained and config.data.dataset == "shapes":  # the prompts describe these very images
-        metrics["clip_score_real"] = clip_score(dual, resize_images(evalset["real"], dual.config.image.image_size),
-                                                prompts)
-    figures = {"prompts": prompts, "samples": samples, "best": best}
+    scorer = load_dual_encoder(gen.scorer) if gen.scorer else None
+    for name, prompt_set in sets.items():
+        if name == "val":
+            continue
+        suffix = "" if name == "test" else f"_{name}"
+        start = time.perf_counter()
+        images = generate_in_chunks(model, prompt_set.prompts, best, gen.sampling_steps, seed=config.train.seed + 1,
+                                    eta=gen.sampling_eta, guidance_interval=gen.guidance_interval)
+        metrics[f"seconds_per_image{suffix}"] = (time.perf_counter() - start) / len(prompt_set.prompts)
+        accuracy = judge.accuracy(images, prompt_set.labels)
+        for attribute, value in accuracy.items():
+            metrics[f"judge_{attribute}_acc{suffix}"] = value
+        metrics[f"judge_mean_acc{suffix}"] = float(np.mean(list(accuracy.values())))
+        real_features = judge.embed(prompt_set.real)
+        metrics[f"frechet_distance{suffix}"] = frechet_distance(real_features, judge.embed(images))
+        metrics[f"frechet_distance_real{suffix}"] = frechet_distance(real_features, judge.embed(prompt_set.other_real))
+        if scorer is not None:
+            size = scorer.config.image.image_size
+            metrics[f"clip_score{suffix}"] = clip_score(scorer, resize_images(images, size), prompt_set.prompts)
+            if config.data.dataset == "shapes":  # the prompts describe these very images
+                metrics[f"clip_score_real{suffix}"] = clip_score(scorer, resize_images(prompt_set.real, size),
+                                                                 prompt_set.prompts)
+        metrics[f"generation_eval_prompts{suffix}"] = len(prompt_set.prompts)
+    figures = {"prompts": val.prompts, "samples": samples, "best": best}
     return metrics, figures
 
 
@@ -174,7 +229,7 @@ def write_figures(model: TextToImageGenerator, config: RunConfig, figures: dict,
                                  num_images_per_prompt=SAMPLES_PER_PROMPT).numpy()
     samples = plot_samples([grid[i * SAMPLES_PER_PROMPT:(i + 1) * SAMPLES_PER_PROMPT] for i in range(k)], prompts,
                            run_dir / SAMPLES_NAME)
-    by_guidance = [np.stack([figures["samples"][g][i] for g in gen.guidance]) for i in range(k)]
+    by_guidance = [np.stack([figures["samples"][g][i] for g in gen.guidance]) for i in range(k)]  # validation prompts
     guidance = plot_samples(by_guidance, prompts, run_dir / GUIDANCE_NAME,
                             column_labels=[f"guidance {g:g}" for g in gen.guidance])
     return {f"Samples at guidance {best:g} ({SAMPLES_PER_PROMPT} seeds per prompt)": samples,
