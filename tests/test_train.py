@@ -152,3 +152,31 @@ def test_weight_average_is_the_final_model_and_resumes_exactly(tmp_path):
     resumed = load_model(tmp_path / "cut").state_dict()
     for name in average:
         assert_close_to_scale(resumed[name], final[name], rel=1e-6)
+
+
+def test_caption_noise_inserts_nonsense_words_and_keeps_the_caption():
+    """data.caption_noise: the picked caption comes with 1-3 random letter words inserted (the words the text
+    tower must learn to let pass); its own words stay, in order; a pure function of (seed, step); rate 0 is the
+    plain batch."""
+    from vlpt.data.pairs import nonsense_words
+
+    rng = np.random.default_rng(0)
+    for text in ("a red circle", "two shapes: a big blue box and a small green star"):
+        noisy = nonsense_words(text, rng).split()
+        extra = len(noisy) - len(text.split())
+        assert 1 <= extra <= 3
+        it = iter(noisy)
+        assert all(word in it for word in text.split())  # the caption's words, in order
+    images = np.zeros((16, 8, 8, 3), np.uint8)
+    captions = [[f"a red circle number {i}"] for i in range(16)]
+    model = create_model(tiny_run_config().model, corpus=[c for cs in captions for c in cs])
+    plain = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1)
+    noisy = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1, caption_noise=1.0)
+    again = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1, caption_noise=1.0)
+    for step in range(3):
+        a, b = noisy.batch(step), again.batch(step)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert torch.equal(a["index"], plain.batch(step)["index"])
+        assert (a["attention_mask"].sum(1) > plain.batch(step)["attention_mask"].sum(1)).all()  # every one longer
+    zero = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1, caption_noise=0.0)
+    assert all(torch.equal(zero.batch(2)[k], plain.batch(2)[k]) for k in plain.batch(2))

@@ -178,6 +178,7 @@ class DataConfig:
     seed: int = checked(0, at_least(0))  # data seed (scene sampling and rendering)
     augment: bool = False  # digits and files: random shifts of up to 3 px (shapes: positions are in the captions)
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
+    caption_noise: float = checked(0.0, between(0, 1))  # contrastive: odds a caption gets 1-3 random nonsense words (robust to unseen wording)
     count_weights: tuple[float, float, float] = checked((1.0, 1.0, 1.0), odds)  # shapes train set: odds of 1, 2, 3 objects
     num_workers: int = checked(2, at_least(0))  # shards: DataLoader worker processes per rank decoding images
     shuffle_buffer: int = checked(1000, at_least(1))  # shards: decoded samples each worker holds to shuffle

@@ -36,10 +36,22 @@ def token_rows(input_ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tenso
             "attention_mask": (torch.arange(length)[None, :] < lengths[rows][:, None]).long()}
 
 
+def nonsense_words(text: str, rng: np.random.Generator, most: int = 3) -> str:
+    """``text`` with 1..``most`` random letter strings (3-8 letters) inserted between its words: words the text
+    tower has never seen, as a prompt's unfamiliar wording is ("a photo of ..."). Trained on such noise, the
+    tower learns to read the words it knows and let the others pass (vlpt's caption-trained WordPiece spells an
+    unknown word out in character pieces, which mean pooling would otherwise weigh like the class name)."""
+    words = text.split()
+    for _ in range(int(rng.integers(1, most + 1))):
+        word = "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(3, 9))))
+        words.insert(int(rng.integers(0, len(words) + 1)), word)
+    return " ".join(words)
+
+
 class PairBatches:
     def __init__(self, images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer: Tokenizer,
                  batch_size: int, seed: int, labels: np.ndarray | None = None, augment: bool = False,
-                 group_size: int = 1):
+                 group_size: int = 1, caption_noise: float = 0.0):
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         if batch_size > len(images):
@@ -52,9 +64,13 @@ class PairBatches:
         self.group_size = group_size  # consecutive images that always share a batch (minimal-edit twins)
         self.seed = seed
         self.augment = augment
+        self.caption_noise = caption_noise  # odds that a picked caption comes with nonsense words inserted
         flat = [c for caps in captions for c in caps]
         self.caption_start = torch.tensor(np.cumsum([0] + [len(c) for c in captions[:-1]]))
         self.caption_count = torch.tensor([len(c) for c in captions])
+        if caption_noise > 0:  # every caption's noisy twin, tokenized once, rows after the clean ones
+            rng = np.random.default_rng([seed, 31337])
+            flat += [nonsense_words(c, rng) for c in flat]
         tokens = tokenizer(flat)  # padded to the longest caption in the corpus
         self.input_ids = tokens["input_ids"]
         self.lengths = tokens["attention_mask"].sum(1)
@@ -68,6 +84,9 @@ class PairBatches:
         g = step_generator(self.seed, step)
         pick = (torch.rand(len(index), generator=g) * self.caption_count[index]).long()
         rows = self.caption_start[index] + pick
+        if self.caption_noise > 0:
+            noisy = torch.rand(len(index), generator=g) < self.caption_noise
+            rows = torch.where(noisy, rows + len(self.input_ids) // 2, rows)
         images = self.images[index]
         if self.augment:
             images = random_shift(images, g)

@@ -55,6 +55,7 @@ class TaskSpec(ABC):
     datasets: ClassVar[tuple[str, ...]] = ("shapes", "digits", "files")  # data.dataset values it trains on
     gradcache: ClassVar[bool] = False  # train.accum_mode=gradcache (one contrastive batch over micro-batches)
     contrastive_loss: ClassVar[bool] = False  # reads train.loss and its options
+    caption_noise: ClassVar[bool] = False  # reads data.caption_noise (captions only read, never generated)
 
     def check(self, config: RunConfig, env: DistributedEnv) -> list[str]:
         """Problems with ``config`` for this task (each names the key); [] when it can run. Checked before any
@@ -71,12 +72,15 @@ class TaskSpec(ABC):
     def unused_options(self, config: RunConfig) -> list[str]:
         """Options set away from their defaults that this task does not read (the lifecycle logs them; options
         of other tasks' sections and of other data sets are found by the lifecycle itself)."""
+        notes = []
+        if config.data.caption_noise and not self.caption_noise:
+            notes.append(f"data.caption_noise={config.data.caption_noise} does not apply to train.task={self.name}")
         if self.contrastive_loss:
-            return []
+            return notes
         defaults = TrainConfig()
-        return [f"train.{key}={getattr(config.train, key)!r} does not apply to train.task={self.name} (no "
-                f"contrastive loss)" for key in CONTRASTIVE_LOSS_OPTIONS
-                if getattr(config.train, key) != getattr(defaults, key)]
+        return notes + [f"train.{key}={getattr(config.train, key)!r} does not apply to train.task={self.name} (no "
+                        f"contrastive loss)" for key in CONTRASTIVE_LOSS_OPTIONS
+                        if getattr(config.train, key) != getattr(defaults, key)]
 
     @abstractmethod
     def load_data(self, config: RunConfig, cache_dir: Path | None) -> Any:
@@ -133,13 +137,16 @@ def dual_encoder_for(config: RunConfig, from_run: str | None, corpus: Callable[[
 
 
 def pair_batches(config: RunConfig, data: Pairs, tokenizer: Tokenizer, env: DistributedEnv,
-                 twins: bool = True) -> Batches:
+                 twins: bool = True, caption_noise: bool = False) -> Batches:
     """This rank's image-caption batches of an in-memory training set (one random caption per image),
-    with the data set's augmentation and, for shapes with ``twins``, minimal-edit twins kept together."""
+    with the data set's augmentation, for shapes with ``twins`` minimal-edit twins kept together, and with
+    ``caption_noise`` (tasks that only read captions, never write them) ``data.caption_noise``."""
     t, d = config.train, config.data
     group = 2 if twins and d.twins and applies(d, "twins") else 1
+    noise = d.caption_noise if caption_noise else 0.0
     return rank_slice(PairBatches(data.images, data.captions, tokenizer, t.batch_size, t.seed, labels=data.labels,
-                                  augment=d.augment and applies(d, "augment"), group_size=group), env)
+                                  augment=d.augment and applies(d, "augment"), group_size=group,
+                                  caption_noise=noise), env)
 
 
 def rank_slice(batches: Batches, env: DistributedEnv) -> Batches:

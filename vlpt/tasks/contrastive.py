@@ -84,6 +84,7 @@ class Contrastive(TaskSpec):
     datasets = ("shapes", "digits", "files", "shards")
     gradcache = True
     contrastive_loss = True
+    caption_noise = True
 
     def check(self, config: RunConfig, env: DistributedEnv) -> list[str]:
         problems = super().check(config, env)
@@ -119,7 +120,7 @@ class Contrastive(TaskSpec):
             log.info("shards: %d samples in %d shards, %d steps per epoch", reader.num_samples, len(reader.paths),
                      reader.steps_per_epoch)
             return ShardBatches(reader, model.tokenizer)
-        return pair_batches(config, data, model.tokenizer, env)
+        return pair_batches(config, data, model.tokenizer, env, caption_noise=True)
 
     def objective(self, config: RunConfig, model: DualEncoder, env: DistributedEnv,
                   device: torch.device) -> ContrastiveTask:
