@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from vlpt.config import CaptionerConfig
-from vlpt.data.transforms import images_as_batch
+from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
 from vlpt.models.dual_encoder import BuiltOnEncoder, DualEncoder, find_model_dir
 from vlpt.models.fusion import Attention
@@ -198,7 +198,7 @@ class Captioner(BuiltOnEncoder, nn.Module):
         """uint8 (B, H, W, 3) / float normalised (B, 3, H, W) tensors or arrays pass through; PIL images and
         file paths are loaded (an unreadable file is named in the error) and preprocessed for the tower."""
         image = self.dual_encoder.config.image
-        return images_as_batch(images, image.image_size, image.mean, image.std)
+        return images_as_batch(images, transform=tower_transform(image))
 
     @torch.inference_mode()
     def generate(self, images: torch.Tensor, decoding: DecodingConfig) -> torch.Tensor:
