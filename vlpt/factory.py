@@ -17,7 +17,7 @@ from vlpt.models.captioner import Captioner, load_captioner
 from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder, find_model_dir, read_model_config
 from vlpt.models.generator import TextToImageGenerator, load_generator
 from vlpt.models.task_model import TaskModel, load_task_model
-from vlpt.models.text_towers import resolve_pretrained
+from vlpt.models.text_towers import build_hf_config, hf_config_dict, resolve_pretrained, special_token_ids
 from vlpt.tokenization import Tokenizer, train_wordpiece
 
 __all__ = ["MODEL_KINDS", "create_model", "find_model_dir", "get_tokenizer", "image_transform", "load",
@@ -88,6 +88,8 @@ def create_model(config: ModelConfig, tokenizer: Tokenizer | None = None,
         tokenizer = get_tokenizer(config, corpus)
     if not config.text.pretrained:
         config.text.vocab_size = tokenizer.vocab_size
+        if config.text.arch != "bert" and config.text.hf_config is None:  # the tokenizer's end-of-text id
+            config.text.hf_config = hf_config_dict(build_hf_config(config.text, special_token_ids(tokenizer.hf)))
     if seed is not None:
         torch.manual_seed(seed)
     return DualEncoder(config, tokenizer)

@@ -26,6 +26,7 @@ from vlpt.io import ModelLoadError
 FORMATS = ("hf-clip", "hf-siglip", "open-clip")  # what vlpt exports to
 HF_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_DIR_PREFIX = "local-dir:"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # files OpenCLIP's load_checkpoint reads
 
 __all__ = ["FORMATS", "NotRepresentable", "export_model", "foreign_format", "import_model"]
 
@@ -47,6 +48,8 @@ def foreign_format(ref: str | Path) -> str | None:
     if text.startswith(OPEN_CLIP_DIR_PREFIX) or _split_arch(text):
         return "open-clip"
     path = Path(text)
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        return "open-clip"  # a bare weights file: its import asks for the architecture
     if not path.is_dir():
         return None
     if (path / "open_clip_config.json").is_file():

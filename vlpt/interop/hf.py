@@ -22,8 +22,10 @@ What moves where (vlpt <- HF):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from transformers import (
     SiglipImageProcessor,
     SiglipModel,
 )
+from transformers.utils import logging as hf_logging
 
 from vlpt.config import ModelConfig, TextTowerConfig
 from vlpt.interop.common import (
@@ -246,16 +249,26 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu") -> DualEncod
         raise ModelLoadError(f"{Path(where) / 'config.json'}: a transformers {kind!r} model; vlpt imports "
                              f"CLIPModel (clip) and SiglipModel (siglip) checkpoints")
     try:
-        hf_model, info = KINDS[kind].from_pretrained(where, output_loading_info=True)
+        with quiet_transformers():  # its progress bars and load report would break the CLI's one-line errors
+            # mismatched shapes come back in the loading info, which names them, instead of as an error
+            # that points at the report
+            hf_model, info = KINDS[kind].from_pretrained(where, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as err:
         raise ModelLoadError(f"{where}: transformers cannot load the {KINDS[kind].__name__} it holds "
                              f"({_short(err)})") from err
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
-    mismatched = list(info.get("mismatched_keys", ()))
+    mismatched = [_mismatch(m) for m in info.get("mismatched_keys", ())]
     if missing or mismatched:
         what = [f"{len(missing)} missing (first: {missing[0]})"] if missing else []
-        what += [f"{len(mismatched)} of another shape (first: {mismatched[0]})"] if mismatched else []
-        raise ModelLoadError(f"{where}: the weights do not match its config.json ({'; '.join(what)})")
+        what += [f"{len(mismatched)} of another shape, file vs config (first: {mismatched[0]})"] if mismatched else []
+        raise ModelLoadError(f"{where}: the weights do not match its config.json: {'; '.join(what)}")
+    with quiet_transformers():
+        return _import_rest(hf_model, where).to(device)
+
+
+def _import_rest(hf_model, where: str) -> DualEncoder:
+    """The tokenizer and image processor of a loaded transformers model's folder, and the vlpt model."""
     tokenizer = processor = None
     local = Path(where)
     if not local.exists() or _has_tokenizer(local):
@@ -271,9 +284,32 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu") -> DualEncod
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelLoadError(f"{where}: its preprocessor_config.json cannot be read ({_short(err)})") from err
     try:
-        return from_hf_model(hf_model, tokenizer, processor).to(device)
+        return from_hf_model(hf_model, tokenizer, processor)
     except NotRepresentable as err:
         raise ModelLoadError(f"{where}: {err}") from err
+
+
+def _mismatch(item) -> str:
+    """transformers' mismatched_keys entry (key, file shape, model shape) as one phrase."""
+    if isinstance(item, (tuple, list)) and len(item) == 3:
+        key, theirs, ours = item
+        return f"{key} {tuple(theirs)} vs {tuple(ours)}"
+    return str(item)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers without progress bars and below-error log lines (they go to stderr on their own)."""
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _short(err: BaseException, limit: int = 300) -> str:
@@ -370,9 +406,10 @@ def image_processor_for(model: DualEncoder, kind: str):
 def export_hf(model: DualEncoder, out: str | Path, kind: str) -> Path:
     """Write ``model`` as a transformers ``CLIPModel`` / ``SiglipModel`` folder (config.json,
     model.safetensors, preprocessor_config.json, the tokenizer), which ``from_pretrained`` loads."""
-    hf_model = to_hf_model(model, kind)
-    processor = image_processor_for(model, kind)
-    with atomic_directory(out) as tmp:
+    with quiet_transformers():
+        hf_model = to_hf_model(model, kind)
+        processor = image_processor_for(model, kind)
+    with atomic_directory(out) as tmp, quiet_transformers():
         hf_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if model.tokenizer is not None:

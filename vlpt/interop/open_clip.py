@@ -138,7 +138,7 @@ def build_peer(model_cfg: dict, weights: Path):
     try:
         open_clip.load_checkpoint(peer, str(weights), strict=True)
     except (RuntimeError, ValueError, OSError, SafetensorError, KeyError, EOFError, pickle.UnpicklingError,
-            AttributeError, StopIteration) as err:
+            AttributeError, StopIteration, AssertionError) as err:  # OpenCLIP asserts on some mismatches
         raise ModelLoadError(f"{weights}: not OpenCLIP weights of the model its config describes "
                              f"({_short(err)})") from err
     return peer.eval()
@@ -444,13 +444,10 @@ def _text_spec(model: DualEncoder, target: str) -> dict:
 def peer_config(model: DualEncoder, target: str = "OpenCLIP") -> tuple[dict, dict, bool]:
     """(model_cfg, preprocess_cfg, uses OpenCLIP's default tokenizer) for a vlpt model."""
     c = model.config
-    text = _text_spec(model, target)
-    hf = text["hf"]
-    act_text = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(hf.hidden_act, hf.hidden_act)
     image = model.image_tower.config
     timm_vision = image.name not in PRESETS and set(image.timm_kwargs) <= {"global_pool"} and \
         image.activation is None and image.layer_norm_eps is None
-    activations = {act_text}
+    activations = set()
     if timm_vision:  # OpenCLIP's TimmModel: timm.create_model(name, global_pool=...) and nothing else
         backbone = model.image_tower.backbone
         if image.pool != "timm":
@@ -484,6 +481,10 @@ def peer_config(model: DualEncoder, target: str = "OpenCLIP") -> tuple[dict, dic
             vision_cfg["norm_kwargs"] = {"eps": spec.eps}
         if spec.activation == "gelu_tanh":
             vision_cfg["act_kwargs"] = {"approximate": "tanh"}
+    text = _text_spec(model, target)
+    hf = text["hf"]
+    act_text = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(hf.hidden_act, hf.hidden_act)
+    activations.add(act_text)
     quick_gelu = "quick_gelu" in activations
     if quick_gelu and len(activations) > 1:
         raise NotRepresentable(f"{target} takes QuickGELU in both towers or in neither; this model mixes "

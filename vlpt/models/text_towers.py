@@ -90,7 +90,19 @@ def in_row_chunks(forward, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([forward(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)])
 
 
-def build_hf_config(config: TextTowerConfig) -> PretrainedConfig:
+def special_token_ids(hf_tokenizer) -> dict[str, int]:
+    """A tokenizer's end-of-text, start and padding ids in transformers' config names (BERT-style tokenizers:
+    [SEP], [CLS]), for a from-scratch CLIP / SigLIP text tower that pools at the end-of-text token."""
+    pick = lambda *ids: next((i for i in ids if i is not None), None)  # noqa: E731
+    ids = dict(eos_token_id=pick(hf_tokenizer.eos_token_id, hf_tokenizer.sep_token_id),
+               bos_token_id=pick(hf_tokenizer.bos_token_id, hf_tokenizer.cls_token_id),
+               pad_token_id=hf_tokenizer.pad_token_id)
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def build_hf_config(config: TextTowerConfig, token_ids: dict[str, int] | None = None) -> PretrainedConfig:
+    """The transformers config of a text tower: the saved one, a pretrained one, or a from-scratch one
+    (``token_ids``: its tokenizer's, see ``special_token_ids``; default: those of vlpt's WordPiece)."""
     if config.hf_config is not None:  # a saved vlpt model: rebuild the exact architecture offline
         data = dict(config.hf_config)
         if config.activation is not None:
@@ -105,8 +117,8 @@ def build_hf_config(config: TextTowerConfig) -> PretrainedConfig:
         sizes["hidden_act"] = HF_ACTIVATIONS[config.activation]
     if config.arch in ("clip", "siglip"):
         # the token ids of the WordPiece vocabulary vlpt trains for a from-scratch tower
-        ids = dict(pad_token_id=SPECIAL_TOKENS.index("[PAD]"), bos_token_id=SPECIAL_TOKENS.index("[CLS]"),
-                   eos_token_id=SPECIAL_TOKENS.index("[SEP]"))
+        ids = {"pad_token_id": SPECIAL_TOKENS.index("[PAD]"), "bos_token_id": SPECIAL_TOKENS.index("[CLS]"),
+               "eos_token_id": SPECIAL_TOKENS.index("[SEP]"), **(token_ids or {})}
         if config.arch == "clip":
             return CLIPTextConfig(**{"hidden_act": "gelu", **sizes}, **ids, attention_dropout=0.0)
         return SiglipTextConfig(**sizes, **ids, projection_size=config.hidden_size, attention_dropout=0.0)
