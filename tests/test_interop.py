@@ -290,6 +290,37 @@ def test_an_open_clip_weights_file_with_its_config_or_model_name(tmp_path):
         load_model(tmp_path / "weights.pt")
 
 
+@pytest.mark.parametrize("proj", ["none", "linear"])
+def test_an_open_clip_timm_trunk_is_the_same_timm_model(proj, tmp_path):
+    """OpenCLIP's SigLIP-style configs: a timm vision trunk (here timm's tiny test_vit) pooled by attention
+    (MAP) without projection, or by its class token with a Linear, and a bidirectional text tower."""
+    tokenizer = wordpiece(12)
+    cfg = dict(embed_dim=64 if proj == "none" else 24, custom_text=True, init_logit_bias=-5.0,
+               vision_cfg=dict(timm_model_name="test_vit", timm_model_pretrained=False, image_size=160,
+                               timm_pool="map" if proj == "none" else "", timm_proj=proj),
+               text_cfg=dict(context_length=12, vocab_size=len(tokenizer), width=32, heads=2, layers=1,
+                             no_causal_mask=True, pool_type="last", proj_bias=True, hf_tokenizer_name="local",
+                             norm_kwargs={"eps": 1e-6}, act_kwargs={"approximate": "tanh"}))
+    torch.manual_seed(8)
+    peer = open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+    set_model_preprocess_cfg(peer, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "size": 160, "resize_mode": "squash"})
+    save_for_hf(peer, tokenizer, cfg, tmp_path / "oc", safe_serialization=True)
+    model = load_model(tmp_path / "oc")
+    assert model.config.image.name == "test_vit" and model.config.image_projection == ("none" if proj == "none"
+                                                                                        else "linear")
+    image = pixels(160, n=2)
+    ids = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(TEXTS)
+    with torch.no_grad():
+        assert_close_to_scale(model.encode_image(image, normalize=False), peer.encode_image(image))
+        assert_close_to_scale(model.encode_text(TEXTS, normalize=False), peer.encode_text(ids))
+    model.export("open-clip", tmp_path / "back")  # written as open_clip.CLIP: the text tensors at the top level
+    again = open_clip.create_model(f"local-dir:{tmp_path / 'back'}").eval()
+    renamed = {k.removeprefix("text."): v for k, v in peer.state_dict().items()}
+    assert_same_tensors(again.state_dict(), renamed)
+    with pytest.raises(NotRepresentable, match="cannot hold image tower 'test_vit': no learned position embedding"):
+        model.export("hf-siglip", tmp_path / "s")  # timm's test_vit sizes its position embedding dynamically
+
+
 # ----------------------------------------------------------------------------- vlpt -> peer -> vlpt
 
 def vlpt_clip_config(size: str) -> ModelConfig:

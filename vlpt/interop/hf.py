@@ -336,12 +336,12 @@ def to_hf_model(model: DualEncoder, kind: str) -> CLIPModel | SiglipModel:
     encoder; NotRepresentable names what the target has no place for."""
     target = f"HF {KINDS[kind].__name__}"
     spec = vit_spec(model.image_tower, target)
-    want = ("token", True, False) if kind == "clip" else ("map", False, True)
-    if (spec.pool, spec.pre_norm, spec.patch_bias) != want:
+    want = ("token", True, False, True) if kind == "clip" else ("map", False, True, False)
+    if (spec.pool, spec.pre_norm, spec.patch_bias, spec.class_token) != want:
         raise NotRepresentable(f"{target} needs {'CLIP' if kind == 'clip' else 'SigLIP'}'s vision transformer "
                                f"(model.image.name: {'clip-vit' if kind == 'clip' else 'siglip-vit'}): pooling "
-                               f"{want[0]}, pre-norm {want[1]}, patch bias {want[2]}; this one has {spec.pool}, "
-                               f"{spec.pre_norm}, {spec.patch_bias}")
+                               f"{want[0]}, pre-norm {want[1]}, patch bias {want[2]}, class token {want[3]}; this "
+                               f"one has {spec.pool}, {spec.pre_norm}, {spec.patch_bias}, {spec.class_token}")
     _check_text(model, kind, target)
     c = model.config
     if kind == "clip":

@@ -269,8 +269,12 @@ def model_config_from(model_cfg: dict, preprocess_cfg: dict, tokenizer_ids: tupl
         image = spec.tower_config(**preprocessing_from(preprocess_cfg, spec.image_size))
         image_projection = "linear"
     else:
+        pool = timm_vision["pool"]
+        if not pool and timm_vision["proj"] == "none":
+            raise NotRepresentable("an OpenCLIP timm trunk without pooling or projection gives tokens, not an "
+                                   "embedding")
         image = ImageTowerConfig(name=timm_vision["name"], image_size=timm_vision["image_size"], pool="timm",
-                                 timm_kwargs={"global_pool": timm_vision["pool"]},
+                                 timm_kwargs={"global_pool": pool} if pool else {},  # "": timm's default pooling
                                  **preprocessing_from(preprocess_cfg, timm_vision["image_size"]))
         image_projection = {"none": "none", "linear": "linear_bias" if timm_vision["proj_bias"] else "linear"}[
             timm_vision["proj"]]
@@ -405,6 +409,13 @@ def from_peer(peer, model_cfg: dict, preprocess_cfg: dict, folder: Path | None, 
         check_pos_embed(state["visual.positional_embedding"].shape[0], vision_spec(model_cfg),
                         f"{where}: visual.positional_embedding")
     model = DualEncoder(config, Tokenizer(hf_tokenizer, config.text.context_length), load_pretrained_weights=False)
+    timm_vision = _timm_vision(model_cfg)
+    if timm_vision and timm_vision["proj"] == "linear" and \
+            type(model.image_tower.backbone.norm) is not type(peer.visual.trunk.norm):  # noqa: E721
+        raise NotRepresentable(f"OpenCLIP builds timm trunk {timm_vision['name']} with its default pooling and then "
+                               f"switches it to {timm_vision['pool']!r}, which leaves other norms than timm builds "
+                               f"for that pooling; vlpt builds timm's own (use timm_proj none, or the trunk's "
+                               f"default pooling)")
     load_matching_state(model, state_from_peer(state, model_cfg, config),
                         f"{where}: the OpenCLIP weights do not fit the vlpt model built from its config")
     return model.eval()
@@ -453,6 +464,15 @@ def peer_config(model: DualEncoder, target: str = "OpenCLIP") -> tuple[dict, dic
         if image.pool != "timm":
             raise NotRepresentable(f"{target} has no counterpart of vlpt's {image.pool!r} pooling head on a timm "
                                    f"trunk; it needs the trunk's own pooling (model.image.pool: timm)")
+        if c.image_projection != "none":  # OpenCLIP then builds timm's default pooling and switches to timm_pool
+            import timm
+
+            default_pool = getattr(timm.create_model(image.name, pretrained=False, num_classes=0), "global_pool", "")
+            if default_pool != getattr(backbone, "global_pool", ""):
+                raise NotRepresentable(f"{target} builds timm trunk {image.name} with its default pooling "
+                                       f"({default_pool!r}) before switching to {backbone.global_pool!r} when it "
+                                       f"projects by a Linear; export with the default pooling, or "
+                                       f"model.image_projection: none")
         default_size = backbone.pretrained_cfg.get("input_size", (3, image.image_size))[-1]
         if default_size != image.image_size:
             raise NotRepresentable(f"{target} builds timm trunk {image.name} at its default size {default_size}; "
