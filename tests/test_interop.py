@@ -12,7 +12,6 @@ import types
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -31,7 +30,7 @@ from vlpt.data.shapes import CLASS_NAMES
 from vlpt.factory import create_model, image_transform, load, load_model
 from vlpt.interop import NotRepresentable, export_model, foreign_format
 from vlpt.interop.common import check_pos_embed, join_qkv, split_qkv
-from vlpt.interop.hf import vision_from_timm, vision_to_timm, vision_spec
+from vlpt.interop.hf import vision_from_timm, vision_spec, vision_to_timm
 from vlpt.interop.open_clip import text_from_hf, text_to_hf
 from vlpt.io import ModelLoadError
 from vlpt.models.text_towers import eos_positions
@@ -119,9 +118,11 @@ def test_hf_clip_to_vlpt_to_hf_clip(hf_clip, tmp_path):
     image = pixels(size)
     ids = AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, truncation=True, return_tensors="pt")
     ours = model.tokenize(TEXTS)
-    assert torch.equal(ours["input_ids"], ids["input_ids"]) and torch.equal(ours["attention_mask"], ids["attention_mask"])
+    assert torch.equal(ours["input_ids"], ids["input_ids"])
+    assert torch.equal(ours["attention_mask"], ids["attention_mask"])
     with torch.no_grad():
-        assert_close_to_scale(model.encode_image(image, normalize=False), features(peer.get_image_features(pixel_values=image)))
+        assert_close_to_scale(model.encode_image(image, normalize=False),
+                              features(peer.get_image_features(pixel_values=image)))
         assert_close_to_scale(model.encode_text(TEXTS, normalize=False), features(peer.get_text_features(**ids)))
         out = model(image, ours["input_ids"], ours["attention_mask"])
         logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
@@ -185,7 +186,8 @@ def test_hf_siglip_to_vlpt_to_hf_siglip(hf_siglip, tmp_path):
     ours = model.tokenize(TEXTS)
     assert torch.equal(ours["input_ids"], ids["input_ids"])
     with torch.no_grad():
-        assert_close_to_scale(model.encode_image(image, normalize=False), features(peer.get_image_features(pixel_values=image)))
+        assert_close_to_scale(model.encode_image(image, normalize=False),
+                              features(peer.get_image_features(pixel_values=image)))
         assert_close_to_scale(model.encode_text(TEXTS, normalize=False),
                               features(peer.get_text_features(input_ids=ids["input_ids"])))
         out = model(image, ours["input_ids"], ours["attention_mask"])
@@ -407,7 +409,8 @@ def test_a_sigmoid_trained_vlpt_model_exports_to_hf_siglip(tmp_path):
     image = pixels(32)
     with torch.no_grad():
         assert_close_to_scale(features(peer.get_image_features(pixel_values=image)), model.encode_image(image, False))
-        assert_close_to_scale(features(peer.get_text_features(input_ids=ids)), model.encode_text(TEXTS, normalize=False))
+        assert_close_to_scale(features(peer.get_text_features(input_ids=ids)),
+                              model.encode_text(TEXTS, normalize=False))
         assert peer.logit_bias.item() == -10.0
     assert_same_tensors(load_model(tmp_path / "s").state_dict(), model.state_dict())
     with pytest.raises(NotRepresentable, match="needs CLIP's vision transformer"):
@@ -434,13 +437,11 @@ def test_fused_in_proj_is_q_then_k_then_v():
     assert torch.equal(hf["encoder.layers.0.self_attn.k_proj.weight"], fused[8:16])
     assert_same_tensors(text_from_hf(hf, 1), layer)
     # SigLIP's MAP head: in_proj (3C) -> timm's q (C) and kv (2C)
-    spec = vision_spec("siglip", SiglipConfig(vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                                                  num_attention_heads=2, image_size=8,
-                                                                  patch_size=4)).vision_config)
     peer = SiglipModel(SiglipConfig(text_config=dict(hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
                                                      intermediate_size=16, projection_size=8, vocab_size=10),
                                     vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                                        num_attention_heads=2, image_size=8, patch_size=4)))
+    spec = vision_spec("siglip", peer.config.vision_config)
     state = {k[len("vision_model."):]: v for k, v in peer.state_dict().items() if k.startswith("vision_model.")}
     timm = vision_to_timm(state, spec)
     assert torch.equal(timm["attn_pool.kv.weight"], state["head.attention.in_proj_weight"][8:])
@@ -592,6 +593,18 @@ def test_an_imported_model_is_a_dual_encoder_everywhere(hf_clip, tmp_path, capsy
     assert "wrote 1 embeddings" in capsys.readouterr().out
 
 
+def test_vlpt_eval_takes_any_model_with_a_configs_data(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    save_hf_clip(folder, "wide-wordpiece")  # 32 px: the shapes are rendered at the tower's size
+    sizes = ["eval.zero_shot_size=24", "eval.compositional_size=8", "eval.retrieval_size=16",
+             "eval.probe_train_size=96"]
+    argv = ["eval", str(folder), "--output", str(tmp_path / "out")] + [a for s in sizes for a in ("--set", s)]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0 <= metrics["zeroshot_top1"] <= 1 and "zeroshot_top1" in capsys.readouterr().out
+    assert (tmp_path / "out" / "report.md").exists() and not (folder / "metrics.json").exists()
+
+
 def test_an_imported_hf_clip_model_trains_resumes_exactly_and_exports_back(tmp_path):
     torch.manual_seed(7)
     tokenizer = wordpiece(16)
@@ -634,6 +647,24 @@ def test_an_imported_hf_clip_model_trains_resumes_exactly_and_exports_back(tmp_p
     assert status == 0
     assert cli.main(["export", str(tmp_path / "ft"), "--to", "open-clip", str(tmp_path / "ft-oc")]) == 0
     assert open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ft-oc'}")[0] is not None
+
+
+def test_a_captioner_trains_on_an_imported_open_clip_model(tmp_path):
+    """OpenAI CLIP's tokenizer pads with its end-of-text token; the captioner keeps that token a target."""
+    from vlpt.models.captioner import load_captioner
+    from vlpt.train.run import run
+
+    save_open_clip(tmp_path / "oc", "quickgelu-bpe")
+    config = tiny_run_config(steps=2, **{"train.task": "caption", "caption.from_run": str(tmp_path / "oc"),
+                                         "caption.freeze_towers": True, "caption.model.width": 32,
+                                         "caption.model.layers": 1, "caption.eval_size": 8, "caption.grid_images": 0,
+                                         "caption.beam": 2, "data.train_size": 32, "train.batch_size": 16,
+                                         "train.checkpoint_every": 0})
+    metrics = run(config, tmp_path / "cap")
+    assert "bleu4_greedy" in metrics
+    captioner = load_captioner(tmp_path / "cap")
+    assert (captioner.bos_id, captioner.eos_id, captioner.pad_id) == (49406, 49407, 0)
+    assert len(captioner.generate_caption(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))) == 2
 
 
 def test_vlpt_eval_and_clip_benchmark_agree_on_an_image_folder(tmp_path):

@@ -25,6 +25,7 @@ from vlpt.data.shards import read_index, write_shards
 from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.evaluate.report import image_grid
 from vlpt.factory import load_dual_encoder
+from vlpt.interop import FORMATS
 from vlpt.io import ImageLoadError, ModelLoadError, atomic_write
 from vlpt.models.captioner import load_captioner
 from vlpt.models.decoding import DecodingConfig
@@ -33,7 +34,6 @@ from vlpt.models.generator import check_guidance_interval, load_generator
 from vlpt.models.task_model import load_task_model
 from vlpt.tasks.finetune import FINETUNE_TASKS, finetune_config
 from vlpt.train.distributed import DistributedEnv
-from vlpt.interop import FORMATS
 from vlpt.train.run import CONFIG_FILE, check_run, evaluate_model, evaluate_run, read_run_config, resume_dir, run
 from vlpt.train.trainer import TrainingStopped
 
@@ -98,8 +98,10 @@ def cmd_eval(run_dir: Path, config: str | None = None, overrides: Sequence[str] 
         metrics = evaluate_run(run_dir, cache_dir=default_cache_dir())
         print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
         return metrics
-    cfg = load_config(config or DEFAULT_CONFIG, list(overrides) + ["train.task=contrastive"])
     model = load_dual_encoder(str(run_dir))
+    sizes = [] if any(o.strip().startswith("data.image_size=") for o in overrides) else \
+        [f"data.image_size={model.config.image.image_size}"]  # images at the size the tower takes, unless set
+    cfg = load_config(config or DEFAULT_CONFIG, sizes + list(overrides) + ["train.task=contrastive"])
     metrics = evaluate_model(model, cfg, output, cache_dir=default_cache_dir(), source=str(run_dir))
     print_metrics(metrics, f"{output}/metrics.json; report: {output}/report.md" if output else "nothing (no --output)")
     return metrics
@@ -285,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=list(FINETUNE_TASKS), help="classify: image -> class; match: image + caption "
                    "-> yes/no; vqa: image + question -> answer")
     p.add_argument("--fusion", choices=FUSION_METHODS, help="how image and text meet (match, vqa); default cross")
-    p.add_argument("--from", dest="from_run", type=Path, help="pre-trained run or model folder (default: from scratch)")
+    p.add_argument("--from", dest="from_run", type=Path,
+                   help="pre-trained run or model folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; default: from "
+                        "scratch)")
     p.add_argument("--freeze-towers", action="store_true", help="train only fusion + head (linear probe for classify)")
     p.add_argument("--config", default="finetune", help="fine-tuning config: train budget, data sizes")
     p.add_argument("--name", help="run name (default: TASK or TASK-FUSION)")
@@ -330,12 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="zero-shot classify images among text labels")
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--labels", required=True, help='comma-separated, e.g. "a red circle,a blue star"')
-    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo",
+                   help="model or run folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; or OpenCLIP ARCH,FILE)")
 
     p = sub.add_parser("embed", help="print or save L2-normalised embeddings of images or texts")
     p.add_argument("--image", dest="images", type=Path, nargs="+", default=[])
     p.add_argument("--text", dest="texts", nargs="+", default=[])
-    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo",
+                   help="model or run folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; or OpenCLIP ARCH,FILE)")
     p.add_argument("-o", "--output", type=Path, help="write a .npy file instead of printing JSON lines")
 
     p = sub.add_parser("caption", help="caption images with a trained captioner (train.task caption | coca)")

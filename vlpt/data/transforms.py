@@ -11,7 +11,6 @@ from torchvision.transforms import v2 as T
 
 from vlpt.io import load_image
 
-
 INTERPOLATION_MODES = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                        "nearest": T.InterpolationMode.NEAREST}  # the names of vlpt.config.INTERPOLATIONS
 

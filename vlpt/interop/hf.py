@@ -327,8 +327,9 @@ def _check_text(model: DualEncoder, kind: str, target: str) -> None:
                                f"model.text.arch: {kind} (transformers' {TEXT_MODEL_TYPES[kind]})")
     pool = "eos" if kind == "clip" else "last"
     if text.config.pool != pool:
-        raise NotRepresentable(f"{target} pools its text tower at the {'end-of-text token' if pool == 'eos' else 'last position'}"
-                               f" (model.text.pool: {pool}), not by {text.config.pool!r}")
+        where = "end-of-text token" if pool == "eos" else "last position"
+        raise NotRepresentable(f"{target} pools its text tower at the {where} (model.text.pool: {pool}), not by "
+                               f"{text.config.pool!r}")
 
 
 def to_hf_model(model: DualEncoder, kind: str) -> CLIPModel | SiglipModel:

@@ -268,7 +268,8 @@ def data_description(config: RunConfig) -> str:
 def architecture_description(config: RunConfig) -> str:
     m = config.model
     kind = {"bert": "BERT", "clip": "CLIP text transformer", "siglip": "SigLIP text transformer"}[m.text.arch]
-    text = m.text.pretrained or f"{m.text.num_layers}-layer {kind} width {m.text.hidden_size}, vocab {m.text.vocab_size}"
+    text = m.text.pretrained or \
+        f"{m.text.num_layers}-layer {kind} width {m.text.hidden_size}, vocab {m.text.vocab_size}"
     return f"image tower {m.image.name} ({m.image.image_size} px, pool {m.image.pool}); text tower {text}; " \
            f"embedding {m.embed_dim}"
 
