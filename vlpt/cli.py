@@ -22,9 +22,10 @@ from vlpt.config import ConfigError, RunConfig, apply_overrides, list_configs, l
 from vlpt.data import digits, shapes
 from vlpt.data.shapes import default_cache_dir
 from vlpt.data.shards import read_index, write_shards
-from vlpt.data.transforms import images_as_batch
+from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.evaluate.report import image_grid
 from vlpt.factory import load_dual_encoder
+from vlpt.interop import FORMATS
 from vlpt.io import ImageLoadError, ModelLoadError, atomic_write
 from vlpt.models.captioner import load_captioner
 from vlpt.models.decoding import DecodingConfig
@@ -33,7 +34,7 @@ from vlpt.models.generator import check_guidance_interval, load_generator
 from vlpt.models.task_model import load_task_model
 from vlpt.tasks.finetune import FINETUNE_TASKS, finetune_config
 from vlpt.train.distributed import DistributedEnv
-from vlpt.train.run import CONFIG_FILE, check_run, evaluate_run, read_run_config, resume_dir, run
+from vlpt.train.run import CONFIG_FILE, check_run, evaluate_model, evaluate_run, read_run_config, resume_dir, run
 from vlpt.train.trainer import TrainingStopped
 
 DEFAULT_RUNS = Path("runs")
@@ -85,10 +86,41 @@ def cmd_match(image: Path, caption: str, model_dir: Path) -> float:
     return prob
 
 
-def cmd_eval(run_dir: Path) -> dict:
-    metrics = evaluate_run(run_dir, cache_dir=default_cache_dir())
-    print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+def cmd_eval(run_dir: Path, config: str | None = None, overrides: Sequence[str] = (), output: Path | None = None
+             ) -> dict:
+    """``vlpt eval RUN``: re-evaluate a run with its own config. ``vlpt eval MODEL [--config C] [--set K=V]
+    [--output DIR]``: any model that is not a run (a vlpt model folder, a transformers CLIP / SigLIP or OpenCLIP
+    checkpoint) evaluated as a dual encoder on C's data and eval sections (default tiny-shapes)."""
+    if (Path(run_dir) / CONFIG_FILE).exists():
+        if config is not None or overrides or output is not None:
+            raise ValueError(f"{run_dir} is a run: it is evaluated with its own config.yaml and writes into itself; "
+                             f"--config, --set and --output apply to a model that is not a run")
+        metrics = evaluate_run(run_dir, cache_dir=default_cache_dir())
+        print_metrics(metrics, f"{run_dir}/metrics.json; report: {run_dir}/report.md")
+        return metrics
+    model = load_dual_encoder(str(run_dir))
+    sizes = [] if any(o.strip().startswith("data.image_size=") for o in overrides) else \
+        [f"data.image_size={model.config.image.image_size}"]  # images at the size the tower takes, unless set
+    cfg = load_config(config or DEFAULT_CONFIG, sizes + list(overrides) + ["train.task=contrastive"])
+    metrics = evaluate_model(model, cfg, output, cache_dir=default_cache_dir(), source=str(run_dir))
+    print_metrics(metrics, f"{output}/metrics.json; report: {output}/report.md" if output else "nothing (no --output)")
     return metrics
+
+
+def cmd_export(source: str, to: str, out: Path, overwrite: bool = False) -> Path:
+    """``vlpt export RUN_OR_MODEL --to hf-clip|hf-siglip|open-clip OUT``: the dual encoder of any saved or
+    importable model, written in another library's format (a folder that library loads)."""
+    if to not in FORMATS:
+        raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    model = load_dual_encoder(source)
+    model.export(to, out)
+    how = {"hf-clip": f"transformers.CLIPModel.from_pretrained('{out}')",
+           "hf-siglip": f"transformers.SiglipModel.from_pretrained('{out}')",
+           "open-clip": f"open_clip.create_model_and_transforms('local-dir:{out}')"}[to]
+    print(f"wrote {out} ({to}); load it with {how}")
+    return out
 
 
 def cmd_demo(runs_dir: Path, overrides: list[str]) -> dict:
@@ -98,7 +130,7 @@ def cmd_demo(runs_dir: Path, overrides: list[str]) -> dict:
 
 def _load_images(paths: Sequence[Path], model) -> torch.Tensor:
     image = model.config.image
-    return images_as_batch(list(paths), image.image_size, image.mean, image.std)
+    return images_as_batch(list(paths), transform=tower_transform(image))
 
 
 def cmd_classify(images: list[Path], labels: str, model_dir: Path) -> list[dict]:
@@ -255,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=list(FINETUNE_TASKS), help="classify: image -> class; match: image + caption "
                    "-> yes/no; vqa: image + question -> answer")
     p.add_argument("--fusion", choices=FUSION_METHODS, help="how image and text meet (match, vqa); default cross")
-    p.add_argument("--from", dest="from_run", type=Path, help="pre-trained run or model folder (default: from scratch)")
+    p.add_argument("--from", dest="from_run", type=Path,
+                   help="pre-trained run or model folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; default: from "
+                        "scratch)")
     p.add_argument("--freeze-towers", action="store_true", help="train only fusion + head (linear probe for classify)")
     p.add_argument("--config", default="finetune", help="fine-tuning config: train budget, data sizes")
     p.add_argument("--name", help="run name (default: TASK or TASK-FUSION)")
@@ -276,8 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("caption")
     p.add_argument("--model", type=Path, required=True, help="a `vlpt finetune --task match` run or model folder")
 
-    p = sub.add_parser("eval", help="evaluate a run's model and rewrite its metrics.json and report.md")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("eval", help="evaluate a run's model and rewrite its metrics.json and report.md; or evaluate "
+                                    "any model (vlpt, transformers CLIP / SigLIP, OpenCLIP) on a config's data")
+    p.add_argument("run_dir", type=Path, help="a run folder, or a model (folder, OpenCLIP ARCH,FILE, hf-hub:NAME)")
+    p.add_argument("--config", help="a model that is not a run: the config whose data and eval sections it is "
+                                    f"evaluated on (default: {DEFAULT_CONFIG})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model that is not a run: override a config value, e.g. --set data.dataset=files")
+    p.add_argument("--output", type=Path, help="a model that is not a run: write metrics.json and report.md here")
+
+    p = sub.add_parser("export", help="write a model in another library's format: transformers CLIPModel / "
+                                      "SiglipModel or an OpenCLIP local-dir folder")
+    p.add_argument("source", help="a run or model folder (vlpt, transformers CLIP / SigLIP, OpenCLIP) or an "
+                                  "OpenCLIP ARCH,FILE")
+    p.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
+    p.add_argument("out", type=Path, help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser("demo", help="train + evaluate the embedded default (tiny-shapes) into runs/demo")
     p.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS)
@@ -286,12 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="zero-shot classify images among text labels")
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--labels", required=True, help='comma-separated, e.g. "a red circle,a blue star"')
-    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo",
+                   help="model or run folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; or OpenCLIP ARCH,FILE)")
 
     p = sub.add_parser("embed", help="print or save L2-normalised embeddings of images or texts")
     p.add_argument("--image", dest="images", type=Path, nargs="+", default=[])
     p.add_argument("--text", dest="texts", nargs="+", default=[])
-    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo", help="model or run folder")
+    p.add_argument("--model", type=Path, default=DEFAULT_RUNS / "demo",
+                   help="model or run folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; or OpenCLIP ARCH,FILE)")
     p.add_argument("-o", "--output", type=Path, help="write a .npy file instead of printing JSON lines")
 
     p = sub.add_parser("caption", help="caption images with a trained captioner (train.task caption | coca)")
@@ -361,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "match":
             cmd_match(args.image, args.caption, args.model)
         elif args.command == "eval":
-            cmd_eval(args.run_dir)
+            cmd_eval(args.run_dir, args.config, args.overrides, args.output)
+        elif args.command == "export":
+            cmd_export(args.source, args.to, args.out, args.overwrite)
         elif args.command == "demo":
             cmd_demo(args.runs_dir, args.overrides)
         elif args.command == "classify":

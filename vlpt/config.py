@@ -46,7 +46,12 @@ SIGLIP_EXCHANGES = ("gather", "neighbour")  # vlpt.losses.SIGLIP_EXCHANGES
 ACCUM_MODES = ("plain", "gradcache")  # vlpt.train.trainer.Trainer
 PRECISIONS = ("auto", "fp32", "bf16")  # vlpt.train.trainer.autocast_context
 IMAGE_POOLS = ("attn", "avg", "timm")
-TEXT_POOLS = ("mean", "cls")
+TEXT_POOLS = ("mean", "cls", "eos", "last")
+TEXT_ARCHS = ("bert", "clip", "siglip")  # vlpt.models.text_towers.build_hf_config
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")  # MLP activations with a counterpart in timm, transformers, OpenCLIP
+PROJECTIONS = ("linear", "linear_bias", "none")  # vlpt.models.dual_encoder.projection
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # vlpt.data.transforms.image_transform
+RESIZE_MODES = ("shortest", "squash")  # vlpt.data.transforms.image_transform
 FINETUNE_TASKS = ("classify", "match", "vqa")  # vlpt.tasks.finetune (train.task names; every task: vlpt.tasks)
 PAIRWISE_NEGATIVES = ("random", "hard")  # vlpt.losses.pairwise_loss
 NONFINITE_ACTIONS = ("stop", "skip")  # vlpt.train.trainer.Trainer
@@ -141,6 +146,11 @@ class ImageTowerConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalisation applied to uint8 input
     std: tuple[float, float, float] = checked((0.25, 0.25, 0.25), each(above(0)))
     locked: bool = False  # freeze the tower (LiT-style); the projection stays trainable
+    activation: str | None = checked(None, one_of(ACTIVATIONS))  # MLP activation: gelu | quick_gelu (OpenAI CLIP) | gelu_tanh (SigLIP); None: the timm model's own
+    layer_norm_eps: float | None = checked(None, above(0))  # epsilon of every LayerNorm in the tower (CLIP 1e-5, SigLIP 1e-6); None: the timm model's own
+    interpolation: str = checked("bicubic", one_of(INTERPOLATIONS))  # image files: the resize filter (bicubic | bilinear | nearest)
+    resize_mode: str = checked("shortest", one_of(RESIZE_MODES))  # image files: shortest (short side to resize_size, centre crop) | squash (both sides to image_size, SigLIP)
+    resize_size: int | None = checked(None, at_least(1))  # image files, shortest: the short side before the centre crop of image_size; None: image_size
 
 
 @dataclass
@@ -152,9 +162,13 @@ class TextTowerConfig:
     intermediate_size: int = checked(512, at_least(1))
     vocab_size: int = checked(1000, at_least(1))  # size of the WordPiece vocabulary trained on the captions
     context_length: int = checked(32, at_least(3))  # tokens ([CLS] and [SEP] included); longer text is truncated
-    pool: str = checked("mean", one_of(TEXT_POOLS))  # mean (over non-padding tokens) | cls
+    pool: str = checked("mean", one_of(TEXT_POOLS))  # mean (over non-padding tokens) | cls | eos (the end-of-text token, CLIP) | last (the last position, SigLIP)
     locked: bool = False  # freeze the tower; the projection stays trainable
     hf_config: dict[str, Any] | None = None  # filled in on save, so loading needs no hub access
+    arch: str = checked("bert", one_of(TEXT_ARCHS))  # from scratch: bert (bidirectional) | clip (causal, CLIPTextModel) | siglip (SiglipTextModel)
+    activation: str | None = checked(None, one_of(ACTIVATIONS))  # MLP activation: gelu | quick_gelu (OpenAI CLIP) | gelu_tanh (SigLIP); None: the architecture's own
+    pad_to_context: bool = False  # pad every text to context_length (SigLIP was trained so; last-token pooling needs it)
+    mask_padding: bool = True  # False: no attention mask, padding is attended to (SigLIP's text tower, as trained)
 
 
 @dataclass
@@ -165,6 +179,9 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
     max_logit_scale: float = checked(math.log(100.0), at_least(0))  # CLIP clamps the scale at 100
     init_logit_bias: float | None = None  # set (e.g. -10) for the SigLIP loss
+    image_projection: str = checked("linear", one_of(PROJECTIONS))  # image tower -> embedding: linear (no bias, CLIP) | linear_bias | none (SigLIP: the pooled output is the embedding)
+    text_projection: str = checked("linear", one_of(PROJECTIONS))  # text tower -> embedding: linear (no bias, CLIP) | linear_bias (SigLIP's text head) | none
+    init_from: str | None = checked(None, non_blank)  # start from this model (vlpt, HF CLIP / SigLIP, OpenCLIP; see docs/interop.md): its towers, tokenizer and weights replace this section's
 
 
 @dataclass
@@ -341,6 +358,11 @@ class RunConfig:
 def _text_checks(c: TextTowerConfig):
     if c.pretrained is None and c.hidden_size % c.num_heads:
         yield "num_heads", f"must divide hidden_size ({c.hidden_size})", c.num_heads
+    if c.pool == "eos" and c.arch == "bert" and c.pretrained is None and c.hf_config is None:
+        yield "pool", "eos needs a text tower with an end-of-text token (arch clip or siglip)", c.pool
+    if c.pool == "last" and not c.pad_to_context:
+        yield "pool", "last needs pad_to_context: true (else the last position depends on the batch's longest text)", \
+            c.pool
 
 
 def _data_checks(c: DataConfig):
@@ -593,6 +615,10 @@ def _path_problems(config: RunConfig) -> Iterator[tuple[str, str, Any]]:
         yield "data.path", "must be an existing shard folder or file (or a glob / {a..b} pattern)", data.path
     if data.dataset in ("files", "shards") and data.eval_path is not None and not Path(data.eval_path).is_dir():
         yield "data.eval_path", "must be an existing image folder (with a captions file)", data.eval_path
+    start = config.model.init_from
+    if start and not re.match(r"(hf-hub|local-dir):", start) and "," not in start and not Path(start).exists():
+        yield "model.init_from", "must be an existing model or run folder (or hf-hub:NAME, or an OpenCLIP " \
+                                 "'ARCH,FILE')", start
     for section in ("finetune", "caption", "generate"):
         from_run = getattr(config, section).from_run
         if from_run is not None and not Path(from_run).exists():

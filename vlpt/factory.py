@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from vlpt.config import ModelConfig
-from vlpt.data.transforms import image_transform as _image_transform
+from vlpt.data.transforms import tower_transform
+from vlpt.interop import foreign_format, import_model
 from vlpt.io import ModelLoadError
 from vlpt.models import captioner, generator, task_model
 from vlpt.models.captioner import Captioner, load_captioner
 from vlpt.models.dual_encoder import CONFIG_NAME, DualEncoder, find_model_dir, read_model_config
 from vlpt.models.generator import TextToImageGenerator, load_generator
 from vlpt.models.task_model import TaskModel, load_task_model
-from vlpt.models.text_towers import resolve_pretrained
+from vlpt.models.text_towers import build_hf_config, hf_config_dict, resolve_pretrained, special_token_ids
 from vlpt.tokenization import Tokenizer, train_wordpiece
 
 __all__ = ["MODEL_KINDS", "create_model", "find_model_dir", "get_tokenizer", "image_transform", "load",
@@ -32,7 +33,10 @@ MODEL_KINDS: dict[str | None, type[nn.Module]] = {
 
 
 def model_kind(path: str | Path) -> type[nn.Module]:
-    """The class of the model saved in ``path`` (a model folder or a run folder), from its config.json."""
+    """The class of the model saved in ``path`` (a model folder or a run folder), from its config.json; a
+    transformers CLIP / SigLIP or OpenCLIP checkpoint (``vlpt.interop``) is a dual encoder."""
+    if foreign_format(path):
+        return DualEncoder
     directory = find_model_dir(path)
     kind = read_model_config(directory).get("model_type")
     if kind not in MODEL_KINDS:
@@ -44,7 +48,10 @@ def model_kind(path: str | Path) -> type[nn.Module]:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Any saved vlpt model (dual encoder, fine-tuned task model, captioner, generator), from its folder or
-    its run folder, as the object its config.json says it is."""
+    its run folder, as the object its config.json says it is; a transformers CLIP / SigLIP or OpenCLIP
+    checkpoint (folder, ``ARCH,FILE``, ``hf-hub:NAME``: see ``vlpt.interop``) as a dual encoder."""
+    if foreign_format(path):
+        return import_model(path, device=device)
     return model_kind(path).from_pretrained(find_model_dir(path), device=device)
 
 
@@ -52,6 +59,8 @@ def get_tokenizer(config: ModelConfig | str | Path, corpus: Iterable[str] | None
     """The tokenizer of a saved model (folder), of a pretrained text tower, or one trained on ``corpus``."""
     if isinstance(config, (str, Path)):
         return load_dual_encoder(config).tokenizer
+    if config.init_from:
+        return load_dual_encoder(config.init_from).tokenizer
     text = config.text
     if text.pretrained:
         from transformers import AutoTokenizer  # transformers is slow to import; only pretrained towers need it
@@ -64,19 +73,35 @@ def get_tokenizer(config: ModelConfig | str | Path, corpus: Iterable[str] | None
 
 def create_model(config: ModelConfig, tokenizer: Tokenizer | None = None,
                  corpus: Iterable[str] | None = None, seed: int | None = 0) -> DualEncoder:
-    """Build a dual encoder; a from-scratch text tower gets a WordPiece vocabulary trained on ``corpus``."""
+    """Build a dual encoder; a from-scratch text tower gets a WordPiece vocabulary trained on ``corpus``.
+    With ``config.init_from`` the model is that one (any vlpt model's dual encoder, or an imported
+    transformers / OpenCLIP checkpoint): its architecture, tokenizer and weights, with this config's
+    ``locked`` flags; ``tokenizer`` (a resumed run's) replaces its tokenizer."""
+    if config.init_from:
+        model = load_dual_encoder(config.init_from)
+        model.config.init_from = config.init_from  # recorded: a resumed run starts from the same weights
+        if tokenizer is not None:
+            model.tokenizer = tokenizer.with_padding(model.config.text.pad_to_context)
+        model.lock_towers(image=config.image.locked, text=config.text.locked)
+        return model
     if tokenizer is None:
         tokenizer = get_tokenizer(config, corpus)
     if not config.text.pretrained:
         config.text.vocab_size = tokenizer.vocab_size
+        if config.text.arch != "bert" and config.text.hf_config is None:  # the tokenizer's end-of-text id
+            config.text.hf_config = hf_config_dict(build_hf_config(config.text, special_token_ids(tokenizer.hf)))
     if seed is not None:
         torch.manual_seed(seed)
     return DualEncoder(config, tokenizer)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
-    """A dual encoder saved with ``save_pretrained`` (or the final model of a run folder); another kind of
-    model is an error that names the loader to use (``load`` takes any kind)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", arch: str | None = None) -> DualEncoder:
+    """A dual encoder saved with ``save_pretrained`` (or the final model of a run folder), or imported from a
+    transformers CLIP / SigLIP or OpenCLIP checkpoint (``vlpt.interop``; ``arch``: the OpenCLIP model name
+    or config JSON of a bare weights file); another kind of vlpt model is an error that names the loader
+    to use (``load`` takes any kind)."""
+    if arch is not None or foreign_format(path):
+        return import_model(path, arch, device)
     kind = model_kind(path)
     if kind is not DualEncoder:
         raise ModelLoadError(f"{path} holds a {kind.__name__}, not a dual encoder: load it with vlpt.load "
@@ -96,4 +121,4 @@ def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu") -> D
 def image_transform(model_or_config: DualEncoder | ModelConfig):
     """The PIL -> tensor preprocessing that matches a model's image tower."""
     config = model_or_config.config if isinstance(model_or_config, DualEncoder) else model_or_config
-    return _image_transform(config.image.image_size, config.image.mean, config.image.std)
+    return tower_transform(config.image)

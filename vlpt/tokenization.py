@@ -1,21 +1,25 @@
-"""Tokenizers: train a WordPiece vocabulary on captions (from-scratch text towers), or load the one
-that comes with a pretrained Hugging Face tower. Either way vlpt wraps it in ``Tokenizer``.
+"""Tokenizers: train a WordPiece vocabulary on captions (from-scratch text towers), load the one that
+comes with a pretrained Hugging Face tower, or build OpenAI CLIP's BPE (OpenCLIP's default tokenizer) from
+the vocabulary file the open_clip package ships. Either way vlpt wraps it in ``Tokenizer``.
 
 Text longer than ``context_length`` tokens is truncated (the [SEP] token is kept); batches are padded
-only to their longest member, not to the full context.
+only to their longest member, not to the full context, unless the model was trained on texts padded to
+the full context (``pad_to_context``: SigLIP).
 """
 
 from __future__ import annotations
 
+import gzip
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import cache
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -51,12 +55,52 @@ def train_wordpiece(corpus: Iterable[str], vocab_size: int = 1000) -> PreTrained
     )
 
 
-class Tokenizer:
-    """Callable: list of texts -> {"input_ids": (B, L), "attention_mask": (B, L)}, L <= context_length."""
+def clip_bpe_tokenizer(context_length: int = 77) -> PreTrainedTokenizerFast:
+    """OpenAI CLIP's byte-level BPE (49408 tokens, ``<|startoftext|>`` 49406, ``<|endoftext|>`` 49407), the
+    default tokenizer of OpenCLIP models, as a transformers ``CLIPTokenizer`` built offline from the
+    vocabulary file open_clip ships (what ``open_clip.tokenizer.SimpleTokenizer`` reads). The ids equal
+    SimpleTokenizer's, except for text that its ftfy / HTML-unescape cleaning changes (curly quotes,
+    ``&amp;``), which transformers' CLIP tokenizer does not clean either."""
+    vocab, merges = _clip_bpe()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=context_length)
 
-    def __init__(self, hf_tokenizer: PreTrainedTokenizerFast, context_length: int):
+
+@cache
+def _clip_bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    try:
+        from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    except ImportError as err:
+        raise ImportError("OpenAI CLIP's tokenizer is built from the vocabulary open_clip ships: "
+                          "pip install open-clip-torch (or `pip install vlpt[interop]`)") from err
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:  # as SimpleTokenizer.__init__ reads it
+        merges = tuple(tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1])
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def is_clip_bpe(hf_tokenizer) -> bool:
+    """Whether a tokenizer has OpenAI CLIP's vocabulary (so OpenCLIP's default tokenizer can stand in for it)."""
+    if len(hf_tokenizer) != 49408 or hf_tokenizer.convert_tokens_to_ids("<|endoftext|>") != 49407:
+        return False
+    return hf_tokenizer.get_vocab() == _clip_bpe()[0]
+
+
+class Tokenizer:
+    """Callable: list of texts -> {"input_ids": (B, L), "attention_mask": (B, L)}, L <= context_length
+    (L == context_length with ``pad_to_context``)."""
+
+    def __init__(self, hf_tokenizer: PreTrainedTokenizerFast, context_length: int, pad_to_context: bool = False):
         self.hf = hf_tokenizer
         self.context_length = context_length
+        self.pad_to_context = pad_to_context
+
+    def with_padding(self, pad_to_context: bool) -> Tokenizer:
+        """This tokenizer padding every text to the full context (or to the batch's longest)."""
+        if pad_to_context == self.pad_to_context:
+            return self
+        return Tokenizer(self.hf, self.context_length, pad_to_context)
 
     @property
     def vocab_size(self) -> int:
@@ -76,7 +120,8 @@ class Tokenizer:
                 raise TypeError(f"text {i} is {type(text).__name__}, expected str")
             if not text.strip():
                 raise ValueError(f"text {i} is empty; give at least one word")
-        enc = self.hf(list(texts), padding="longest", truncation=True, max_length=self.context_length,
+        padding = "max_length" if self.pad_to_context else "longest"
+        enc = self.hf(list(texts), padding=padding, truncation=True, max_length=self.context_length,
                       return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -87,5 +132,5 @@ class Tokenizer:
         self.hf.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, context_length: int) -> Tokenizer:
-        return cls(AutoTokenizer.from_pretrained(str(directory)), context_length)
+    def from_pretrained(cls, directory: str | Path, context_length: int, pad_to_context: bool = False) -> Tokenizer:
+        return cls(AutoTokenizer.from_pretrained(str(directory)), context_length, pad_to_context)

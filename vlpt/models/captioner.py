@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from vlpt.config import CaptionerConfig
-from vlpt.data.transforms import images_as_batch
+from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.models.decoding import DecodingConfig, beam_search, greedy_search, sample
 from vlpt.models.dual_encoder import BuiltOnEncoder, DualEncoder, find_model_dir
 from vlpt.models.fusion import Attention
@@ -160,6 +160,12 @@ class Captioner(BuiltOnEncoder, nn.Module):
         self.tokenizer = tokenizer
         hf = tokenizer.hf
         self.bos_id, self.eos_id, self.pad_id = hf.cls_token_id, hf.sep_token_id, hf.pad_token_id  # [CLS] [SEP] [PAD]
+        if self.bos_id is None or self.eos_id is None:  # BPE tokenizers (CLIP's): <|startoftext|>, <|endoftext|>
+            self.bos_id, self.eos_id = hf.bos_token_id, hf.eos_token_id
+        if self.pad_id is None or self.pad_id == self.eos_id:
+            # CLIP's tokenizer pads with its end-of-text token: the first one must stay a target (the loss
+            # ignores pad_id), and decoding pads with pad_id after it; id 0 is what OpenCLIP pads with
+            self.pad_id = next(i for i in range(hf.vocab_size) if i not in (self.bos_id, self.eos_id))
         tower = dual_encoder.image_tower
         self.decoder = CaptionDecoder(config, image_dim=tower.width, num_image_tokens=tower.num_tokens)
 
@@ -198,7 +204,7 @@ class Captioner(BuiltOnEncoder, nn.Module):
         """uint8 (B, H, W, 3) / float normalised (B, 3, H, W) tensors or arrays pass through; PIL images and
         file paths are loaded (an unreadable file is named in the error) and preprocessed for the tower."""
         image = self.dual_encoder.config.image
-        return images_as_batch(images, image.image_size, image.mean, image.std)
+        return images_as_batch(images, transform=tower_transform(image))
 
     @torch.inference_mode()
     def generate(self, images: torch.Tensor, decoding: DecodingConfig) -> torch.Tensor:

@@ -42,16 +42,30 @@ class SavesPretrained:
         return Path(directory)
 
 
+def projection(kind: str, width: int, embed_dim: int, tower: str) -> nn.Module:
+    """A tower's pooled output (width) -> the shared embedding (embed_dim): ``kind`` linear (no bias, as CLIP),
+    linear_bias (SigLIP's text head), none (SigLIP's image tower: the pooled output is the embedding)."""
+    if kind == "none":
+        if width != embed_dim:
+            raise ValueError(f"{tower}_projection none needs embed_dim ({embed_dim}) equal to the {tower} tower's "
+                             f"output width ({width})")
+        return nn.Identity()
+    if kind not in ("linear", "linear_bias"):
+        raise ValueError(f"unknown {tower}_projection {kind!r}; choose from linear, linear_bias, none")
+    return nn.Linear(width, embed_dim, bias=kind == "linear_bias")
+
+
 class DualEncoder(SavesPretrained, nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None,
                  load_pretrained_weights: bool = True):
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer
+        # a text tower trained on texts padded to its full context (SigLIP) is given them so
+        self.tokenizer = None if tokenizer is None else tokenizer.with_padding(config.text.pad_to_context)
         self.image_tower = ImageTower(config.image)
         self.text_tower = TextTower(config.text, load_pretrained_weights=load_pretrained_weights)
-        self.image_proj = nn.Linear(self.image_tower.output_dim, config.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text_tower.output_dim, config.embed_dim, bias=False)
+        self.image_proj = projection(config.image_projection, self.image_tower.output_dim, config.embed_dim, "image")
+        self.text_proj = projection(config.text_projection, self.text_tower.output_dim, config.embed_dim, "text")
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = None
         if config.init_logit_bias is not None:
@@ -158,6 +172,14 @@ class DualEncoder(SavesPretrained, nn.Module):
     def write_files(self, directory: Path) -> None:
         write_model_files(directory, to_dict(self.config_for_saving()), self, self.tokenizer)
 
+    def export(self, to: str, directory: str | Path) -> Path:
+        """Write this model as a transformers ``CLIPModel`` (``to`` hf-clip) / ``SiglipModel`` (hf-siglip) folder
+        or an OpenCLIP ``local-dir`` folder (open-clip), loadable by that library; NotRepresentable (a
+        ValueError) names what the format has no place for. See ``vlpt.interop``."""
+        from vlpt.interop import export_model  # interop imports this module
+
+        return export_model(self, to, directory)
+
     def config_for_saving(self) -> ModelConfig:
         """The config with the text tower's HF config filled in, so loading needs no hub access."""
         config = copy.deepcopy(self.config)
@@ -194,7 +216,9 @@ def find_model_dir(path: str | Path) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / CONFIG_NAME).exists():
             return candidate
-    raise FileNotFoundError(f"no vlpt model in {path} (expected {CONFIG_NAME} there or in {path / 'model'})")
+    raise FileNotFoundError(f"no vlpt model in {path} (expected {CONFIG_NAME} there or in {path / 'model'}); "
+                            f"nor a transformers CLIP / SigLIP folder (config.json with model_type clip or siglip), "
+                            f"an OpenCLIP folder (open_clip_config.json) or an OpenCLIP 'ARCH,FILE'")
 
 
 def _short(err: BaseException, limit: int = 300) -> str:
@@ -252,19 +276,24 @@ def load_weights(model: nn.Module, directory: Path, device: str | torch.device =
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{path}: not a readable safetensors file, corrupt or truncated ({err})") from err
+    load_matching_state(model, state, f"{path}: the weights do not match the model its {CONFIG_NAME} describes")
+    return model.to(device).eval()
+
+
+def load_matching_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)`` when every tensor is there with the model's shape; otherwise a
+    ModelLoadError starting with ``what`` that counts the missing, unexpected and reshaped tensors."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                 if k in state and state[k].shape != v.shape]
     if missing or unexpected or reshaped:
-        parts = [f"{len(names)} {what} (first: {names[0]})" for names, what in
+        parts = [f"{len(names)} {kind} (first: {names[0]})" for names, kind in
                  ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape, file vs model"))
                  if names]
-        raise ModelLoadError(f"{path}: the weights do not match the model its {CONFIG_NAME} describes: "
-                             f"{'; '.join(parts)}")
+        raise ModelLoadError(f"{what}: {'; '.join(parts)}")
     model.load_state_dict(state)
-    return model.to(device).eval()
 
 
 class BuiltOnEncoder(SavesPretrained):

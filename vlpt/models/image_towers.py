@@ -25,6 +25,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                       output_stride=16)),
     "vit-tiny": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)),
     "vit-small": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=256, depth=4, num_heads=4)),
+    # The vision transformers of CLIP and SigLIP, as timm builds them, at vit-tiny's size by default
+    # (timm_kwargs sets another; an imported HF / OpenCLIP model sets its own). Pool them with `pool: timm`.
+    # CLIP: LayerNorm before the blocks, class token after the final LayerNorm, no patch bias.
+    "clip-vit": ("vit_base_patch16_clip_224", dict(patch_size=8, embed_dim=192, depth=4, num_heads=3, pre_norm=True,
+                                                   class_token=True, global_pool="token", fc_norm=False)),
+    # SigLIP: no class token, multi-head attention pooling (MAP) after the final LayerNorm.
+    "siglip-vit": ("vit_base_patch16_siglip_224", dict(patch_size=8, embed_dim=192, depth=4, num_heads=3,
+                                                       class_token=False, global_pool="map", fc_norm=False)),
 }
 POOLS = IMAGE_POOLS  # the names live in vlpt.config, which checks configs against them
 
@@ -42,7 +50,17 @@ def create_backbone(config: ImageTowerConfig) -> nn.Module:
                          f"or any timm model name (timm.list_models())")
     if "vit" in arch or "deit" in arch:
         kwargs.setdefault("img_size", config.image_size)
-    return timm.create_model(arch, pretrained=config.pretrained, num_classes=0, **kwargs)
+    if config.activation is not None:
+        kwargs["act_layer"] = config.activation  # timm knows gelu, quick_gelu and gelu_tanh by these names
+    try:
+        backbone = timm.create_model(arch, pretrained=config.pretrained, num_classes=0, **kwargs)
+    except TypeError as err:  # a keyword this timm architecture does not take
+        raise ValueError(f"image tower {config.name!r} ({arch}): {err}") from err
+    if config.layer_norm_eps is not None:
+        for module in backbone.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = config.layer_norm_eps
+    return backbone
 
 
 def class_token_only_ok(backbone: nn.Module, pool: str) -> bool:

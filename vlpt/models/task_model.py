@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import FINETUNE_TASKS, ModelConfig, from_dict, to_dict
-from vlpt.data.transforms import images_as_batch
+from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.models.dual_encoder import (
     CONFIG_NAME,
     DualEncoder,
@@ -148,7 +148,7 @@ class TaskModel(SavesPretrained, nn.Module):
         self.eval()
         device = self.encoder.logit_scale.device
         image = self.encoder.config.image
-        images = images_as_batch(images, image.image_size, image.mean, image.std).to(device)
+        images = images_as_batch(images, transform=tower_transform(image)).to(device)
         if isinstance(texts, str):
             texts = [texts]
         if self.config.task == "classify":

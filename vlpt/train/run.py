@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ def merge_for_resume(saved: RunConfig, given: RunConfig) -> tuple[RunConfig, dic
     refused (the run would continue as something it did not start as). Returns (config, {key: (old, new)})."""
     old, new = _flat(to_dict(saved)), _flat(to_dict(given))
     filled = {"model.text.vocab_size", "model.text.hf_config"}  # written by the run itself
-    builds_on = saved.caption.from_run or saved.generate.from_run or saved.finetune.from_run
+    builds_on = saved.caption.from_run or saved.generate.from_run or saved.finetune.from_run or \
+        saved.model.init_from  # the towers of another model, recorded by the run
     changed = {k: (old[k], new[k]) for k in old if old[k] != new.get(k) and k not in filled
                and not (builds_on and k.startswith("model."))}  # a base run's towers are recorded by the run
     refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
@@ -239,6 +241,24 @@ def evaluate_run(run_dir: str | Path, model: nn.Module | None = None, extra: dic
     return metrics
 
 
+def evaluate_model(model: nn.Module, config: RunConfig, out_dir: str | Path | None = None, cache_dir=None,
+                   source: str = "") -> dict[str, float]:
+    """Evaluate any model (a saved or imported dual encoder, ...) with ``config``'s task on its data and eval
+    sections, outside a run; with ``out_dir`` write metrics.json and report.md there."""
+    task = get_task(config.train.task)
+    validate_config(config, task_names(), check_paths=True)
+    if task.dual_encoder(model) is not None:
+        config.model = task.dual_encoder(model).config
+    with tempfile.TemporaryDirectory() as scratch:  # figures a task writes, when there is no out_dir
+        result = task.evaluate(model, config, Path(out_dir or scratch), cache_dir)
+    if out_dir is not None:
+        facts = {"task": f"{task.name} ({task.description})", "model": f"{type(model).__name__} {source}".strip(),
+                 "data": data_description(config)}
+        write_report(out_dir, result.metrics, None, result.confusion, result.class_names, result.retrieval_examples,
+                     result.images, summary=facts)
+    return result.metrics
+
+
 def data_description(config: RunConfig) -> str:
     d = config.data
     where = f" from {d.path}" if d.path else ""
@@ -247,7 +267,9 @@ def data_description(config: RunConfig) -> str:
 
 def architecture_description(config: RunConfig) -> str:
     m = config.model
-    text = m.text.pretrained or f"{m.text.num_layers}-layer BERT width {m.text.hidden_size}, vocab {m.text.vocab_size}"
+    kind = {"bert": "BERT", "clip": "CLIP text transformer", "siglip": "SigLIP text transformer"}[m.text.arch]
+    text = m.text.pretrained or \
+        f"{m.text.num_layers}-layer {kind} width {m.text.hidden_size}, vocab {m.text.vocab_size}"
     return f"image tower {m.image.name} ({m.image.image_size} px, pool {m.image.pool}); text tower {text}; " \
            f"embedding {m.embed_dim}"
 
