@@ -675,14 +675,17 @@ def test_vlpt_eval_and_clip_benchmark_agree_on_an_image_folder(tmp_path):
     config = load_config("clip-vit-shapes", [
         "model.embed_dim=32", "model.image.image_size=32", "data.image_size=32",
         "model.image.timm_kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}", "model.text.hidden_size=32",
-        "model.text.num_layers=1", "model.text.intermediate_size=64", "data.train_size=256", "train.steps=8",
+        "model.text.num_layers=1", "model.text.intermediate_size=64", "data.train_size=256", "train.steps=80",
         "train.batch_size=32", "train.warmup_steps=2", "train.lr=0.003", "train.eval_every=0",
         "train.checkpoint_every=0"])
     fit(config, tmp_path / "run")
     result = compare(str(tmp_path / "run"), tmp_path / "cmp", size=96, image_size=32)
     assert result["images"] == 96
-    assert abs(result["vlpt"] - result["clip_benchmark"]) <= 0.001  # within 0.1 points
-    assert abs(result["vlpt_top5"] - result["clip_benchmark_top5"]) <= 0.001
+    # the same decisions on every image, except near ties (cosines within 1e-4 at the top-k boundary), which two
+    # correct implementations may round either way on a barely trained model
+    for ours, theirs, ties in (("vlpt", "clip_benchmark", "near_ties_top1"),
+                               ("vlpt_top5", "clip_benchmark_top5", "near_ties_top5")):
+        assert round(abs(result[ours] - result[theirs]) * 96) <= result[ties], result
     assert result["vlpt_reimported"] == result["vlpt"]  # the exported file, read back by vlpt
 
 

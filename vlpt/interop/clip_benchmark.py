@@ -7,7 +7,7 @@ writes into OUT the shapes test split (single-object scenes, 48 (color, shape) c
 image folder (``images/*.png`` + ``captions.csv`` with labels: ``data.dataset=files``) and as CLIP_benchmark's
 local webdataset (``wds/test/0.tar`` + ``classnames.txt``, the same PNG bytes), the model as an OpenCLIP
 folder (``open_clip/``), and the per-class prompts vlpt uses (``USER_TEMPLATES`` with their articles fixed:
-"an orange star") as a CLIP_benchmark ``--custom_template_file``; then runs ``vlpt eval`` on the model and
+"an orange star", less those that are training captions) as a CLIP_benchmark ``--custom_template_file``; then runs ``vlpt eval`` on the model and
 ``clip_benchmark eval`` on the export and prints both zero-shot accuracies. Needs ``pip install clip-benchmark``.
 """
 
@@ -91,12 +91,13 @@ def write_wds_dataset(folder: str | Path, class_names: Sequence[str], prompts: d
     return out
 
 
-def vlpt_prompts(class_names: Sequence[str]) -> dict[str, list[str]]:
-    """The prompts ``vlpt eval`` builds for a labeled image folder's class names."""
-    from vlpt.evaluate.suite import USER_TEMPLATES
-    from vlpt.evaluate.zero_shot import format_prompt
+def vlpt_prompts(class_names: Sequence[str], training_captions: Sequence[Sequence[str]] = ()) -> dict[str, list[str]]:
+    """The prompts ``vlpt eval`` builds for a labeled image folder's class names: ``USER_TEMPLATES``, less any
+    that is word for word one of the training captions (``zeroshot_prompts_dropped``)."""
+    from vlpt.evaluate.suite import USER_TEMPLATES, held_out_prompts
 
-    return {name: [format_prompt(t, name) for t in USER_TEMPLATES] for name in class_names}
+    prompts, _ = held_out_prompts(class_names, USER_TEMPLATES, training_captions)
+    return dict(zip(class_names, prompts))
 
 
 def run_clip_benchmark(model_dir: str | Path, dataset_dir: str | Path, out_json: str | Path, amp: bool = False,
@@ -132,6 +133,21 @@ def shapes_split(size: int, image_size: int, cache_dir=None):
                       cache_dir=cache_dir)
 
 
+def near_ties(model, images: np.ndarray, prompts: dict[str, list[str]], topk: Sequence[int] = (1, 5),
+               tolerance: float = 1e-4) -> dict[int, int]:
+    """Images whose zero-shot decision at top-k is a near tie: the k-th and (k+1)-th class similarities (cosines)
+    closer than ``tolerance``. Two correct implementations may rank these differently (their float rounding
+    differs), so their accuracies may differ by up to this many images and no more."""
+
+    from vlpt.evaluate.scoring import embed_images, embed_texts
+    from vlpt.evaluate.zero_shot import build_prompt_classifier
+
+    classifier = build_prompt_classifier(lambda texts: embed_texts(model, texts), list(prompts.values()))
+    similarity = embed_images(model, images) @ classifier.float()
+    ranked = similarity.sort(dim=1, descending=True).values
+    return {k: int((ranked[:, k - 1] - ranked[:, k] < tolerance).sum()) for k in topk if k < ranked.shape[1]}
+
+
 def compare(model_ref: str, out: str | Path, size: int = 1000, image_size: int = 64, amp: bool = False,
             cache_dir=None) -> dict:
     """Write the data, export the model, run both evaluations: {"vlpt": zeroshot_top1, "clip_benchmark": acc1,
@@ -146,7 +162,9 @@ def compare(model_ref: str, out: str | Path, size: int = 1000, image_size: int =
     names = [CLASS_NAMES[label] for label in scenes.labels]
     folder = write_image_folder(scenes.images, scenes.captions, names, out / "images")
     class_names = sorted(set(names))  # vlpt's files data set numbers text labels in sorted order
-    wds = write_wds_dataset(folder, class_names, vlpt_prompts(class_names), out / "wds")
+    # the folder is also the training data vlpt eval reads, so it drops the prompts that are training captions
+    prompts = vlpt_prompts(class_names, scenes.captions)
+    wds = write_wds_dataset(folder, class_names, prompts, out / "wds")
     model = load_dual_encoder(model_ref)
     model.export("open-clip", out / "open_clip")
     config = load_config("tiny-shapes", [
@@ -156,7 +174,8 @@ def compare(model_ref: str, out: str | Path, size: int = 1000, image_size: int =
     imported = load_dual_encoder(out / "open_clip")  # the exported file, read back by vlpt
     again = evaluate_model(imported, config, None, cache_dir=cache_dir)
     theirs = run_clip_benchmark(out / "open_clip", wds, out / "clip_benchmark.json", amp=amp)
-    return {"images": len(names), "classes": len(class_names), "vlpt": ours["zeroshot_top1"],
+    ties = near_ties(model, scenes.images, prompts)
+    return {"near_ties_top1": ties[1], "near_ties_top5": ties[5], "images": len(names), "classes": len(class_names), "vlpt": ours["zeroshot_top1"],
             "vlpt_top5": ours["zeroshot_top5"], "vlpt_reimported": again["zeroshot_top1"],
             "clip_benchmark": theirs["acc1"], "clip_benchmark_top5": theirs["acc5"], "amp": amp}
 
