@@ -40,7 +40,7 @@ MOVED_KEYS = {"finetune.task": "train.task"}
 # ----------------------------------------------------------------------------- choices
 # The names a config may use. Modules that implement them import these (image_towers, text_towers, fusion,
 # task_model, generator); the others keep their own registry, and tests/test_config.py checks the two agree.
-DATASETS = ("shapes", "digits", "files", "shards")  # vlpt.evaluate.suite.load_split
+DATASETS = ("shapes", "digits", "fashion", "files", "shards")  # vlpt.data.splits.load_split
 LOSSES = ("infonce", "siglip", "pairwise")  # vlpt.losses.LOSSES
 SIGLIP_EXCHANGES = ("gather", "neighbour")  # vlpt.losses.SIGLIP_EXCHANGES
 ACCUM_MODES = ("plain", "gradcache")  # vlpt.train.trainer.Trainer
@@ -186,17 +186,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = checked("shapes", one_of(DATASETS))  # shapes | digits | files (image folder + captions file) | shards (webdataset tars)
-    path: str | None = checked(None, non_blank)  # files: the image folder; shards: a folder, shard file, glob or {000000..000009} pattern
+    dataset: str = checked("shapes", one_of(DATASETS))  # shapes | digits | fashion (Fashion-MNIST) | files (image folder + captions file) | shards (webdataset tars)
+    path: str | None = checked(None, non_blank)  # files: the image folder; shards: a folder, shard file, glob or {000000..000009} pattern; fashion: the IDX files' folder (default: Debian's)
     eval_path: str | None = checked(None, non_blank)  # files / shards: a held-out image folder to evaluate on; None: the training data
-    train_size: int = checked(20000, at_least(1))  # shapes scenes rendered for training
-    image_size: int = checked(64, at_least(1))  # shapes: 32..224; digits: 8..224
+    train_size: int = checked(20000, at_least(1))  # shapes scenes rendered for training; fashion: the first images (seeded order) of its 55,000
+    image_size: int = checked(64, at_least(1))  # shapes: 32..224; digits, fashion: 8..224
     num_captions: int = checked(5, at_least(1))  # captions per image
     seed: int = checked(0, at_least(0))  # data seed (scene sampling and rendering)
     augment: bool = False  # digits and files: random shifts of up to 3 px (shapes: positions are in the captions)
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
     caption_noise: float = checked(0.0, between(0, 1))  # contrastive: odds a caption gets 1-3 random nonsense words (robust to unseen wording)
     count_weights: tuple[float, float, float] = checked((1.0, 1.0, 1.0), odds)  # shapes train set: odds of 1, 2, 3 objects
+    holdout_classes: tuple[str, ...] = ()  # fashion: class names kept out of training (images and captions); zero-shot reports them apart
     num_workers: int = checked(2, at_least(0))  # shards: DataLoader worker processes per rank decoding images
     shuffle_buffer: int = checked(1000, at_least(1))  # shards: decoded samples each worker holds to shuffle
     resample: bool = False  # shards: draw shards with replacement instead of exact epochs
@@ -369,9 +370,17 @@ def _data_checks(c: DataConfig):
     if c.dataset in ("files", "shards") and c.path is None:
         yield "path", f"must be set for dataset {c.dataset} (an image folder{' or shards' * (c.dataset == 'shards')})", \
             c.path
-    sizes = {"shapes": (32, 224), "digits": (8, 224)}.get(c.dataset)
+    sizes = {"shapes": (32, 224), "digits": (8, 224), "fashion": (8, 224)}.get(c.dataset)
     if sizes and not sizes[0] <= c.image_size <= sizes[1]:
         yield "image_size", f"must be in [{sizes[0]}, {sizes[1]}] for dataset {c.dataset}", c.image_size
+    if c.dataset == "fashion" and c.holdout_classes:
+        from vlpt.data.fashion import CLASS_NAMES
+        unknown = [n for n in c.holdout_classes if n not in CLASS_NAMES]
+        if unknown:
+            yield "holdout_classes", f"{', '.join(unknown)} not among the classes ({', '.join(CLASS_NAMES)})", \
+                c.holdout_classes
+        elif len(set(c.holdout_classes)) >= len(CLASS_NAMES):
+            yield "holdout_classes", "must leave at least one class to train on", c.holdout_classes
 
 
 def _train_checks(c: TrainConfig):
