@@ -185,10 +185,19 @@ class ImageTower(nn.Module):
         self.class_token_only = class_token_only_ok(self.backbone, config.pool)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, H, W, 3) or (B, 3, H, W) -> normalised floats (B, 3, S, S); square pixels of another
+        size are resized to the tower's ``image_size`` S first (``interpolation``, antialiased), so small data
+        (28 px Fashion-MNIST) can feed a tower pretrained at 224 px without storing it at that size."""
         if images.dtype == torch.uint8:
             if images.shape[-1] == 3 and images.shape[1] != 3:  # (B, H, W, 3) -> (B, 3, H, W)
                 images = images.permute(0, 3, 1, 2)
-            images = (images.float() - self.mean) / self.std
+            images = images.float()
+            size = self.config.image_size
+            if images.shape[-2:] != (size, size) and images.shape[-2] == images.shape[-1]:
+                mode = self.config.interpolation
+                images = F.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
+                                       align_corners=False if mode != "nearest" else None).clamp(0, 255)
+            images = (images - self.mean) / self.std
         return images
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
