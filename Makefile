@@ -16,12 +16,18 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
+# Fashion-MNIST (vlpt.data.fashion) ships as a Debian package; installed when missing and apt is here.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+$(FASHION_MNIST):
+	@command -v apt-get >/dev/null || { echo "no apt-get: put the Fashion-MNIST IDX files in $(dir $@)"; exit 1; }
+	apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }
+
 install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/vlpt demo
 
-test: install
+test: install $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -69,10 +69,16 @@ def git_commit() -> dict:
             "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+STARTED_ON = git_commit()  # the code a benchmark runs is the code it started with
+
+
 def write_results(name: str, figures: dict, config: dict | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {**figures, "config": config or {}, "machine": machine_info(), **git_commit()}
+    ended_on = git_commit()
+    data = {**figures, "config": config or {}, "machine": machine_info(), **STARTED_ON}
+    if ended_on != STARTED_ON:  # the tree changed while it ran: say so rather than guess which code ran
+        data["commit_at_end"] = ended_on
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     print_table(name, figures)
     print(f"wrote {path}")

@@ -43,7 +43,7 @@ def test_numbers_are_converted_where_that_is_safe():
     ("train.compile='yes'", "train.compile: expected true or false, got 'yes'"),
     ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
     ("train.lr=[0.1]", "train.lr: expected a finite number, got [0.1]"),
-    ("model.image.mean=[0.5, 0.5]", "model.image.mean: expected a list of 3 finite numbers, got [0.5, 0.5]"),
+    ("model.image.mean=[0.5, 0.5]", "model.image.mean: expected a list of 3 finite numbers or null, got [0.5, 0.5]"),
     ("data.path=3", "data.path: expected a string or null, got 3"),
     ("model.image.timm_kwargs=[1]", "model.image.timm_kwargs: expected a mapping, got [1]"),
     ("train.steps=99999999999999999999", "train.steps: expected an integer"),
@@ -173,7 +173,7 @@ def test_a_value_checked_in_a_saved_model_config_names_the_file():
     data["image"]["image_size"] = "64px"
     with pytest.raises(ConfigError) as error:
         from_dict(C.ModelConfig, data, where="runs/x/model/config.json")
-    assert str(error.value) == "runs/x/model/config.json: image.image_size: expected an integer, got '64px'"
+    assert str(error.value) == "runs/x/model/config.json: image.image_size: expected an integer or null, got '64px'"
 
 
 # ----------------------------------------------------------------------------- just before a run

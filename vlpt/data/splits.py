@@ -9,13 +9,14 @@ from typing import NamedTuple
 import numpy as np
 
 from vlpt.config import DataConfig
-from vlpt.data import digits, files, shapes, shards
+from vlpt.data import digits, fashion, files, shapes, shards
 
-DATASETS = ("shapes", "digits", "files", "shards")
+DATASETS = ("shapes", "digits", "fashion", "files", "shards")
 # DataConfig fields that only some data sets read (the others read every field).
 DATASET_OPTIONS = {
-    "path": ("files", "shards"), "eval_path": ("files", "shards"), "train_size": ("shapes",),
-    "num_captions": ("shapes", "digits"), "seed": ("shapes", "digits"), "augment": ("digits", "files"),
+    "path": ("files", "shards", "fashion"), "eval_path": ("files", "shards"), "train_size": ("shapes", "fashion"),
+    "num_captions": ("shapes", "digits", "fashion"), "seed": ("shapes", "digits", "fashion"),
+    "holdout_classes": ("fashion",), "augment": ("digits", "files"),
     "twins": ("shapes",), "count_weights": ("shapes",), "num_workers": ("shards",), "shuffle_buffer": ("shards",),
     "resample": ("shards",), "max_consecutive_failures": ("shards",),
 }
@@ -46,8 +47,8 @@ def applies(data: DataConfig, option: str) -> bool:
 
 
 def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = False, cache_dir=None):
-    """A split of the run's data set: shapes scenes (1-3 objects, or single-object), digits, or the
-    user's own data (``files`` / ``shards``, see ``load_user_split``).
+    """A split of the run's data set: shapes scenes (1-3 objects, or single-object), digits, Fashion-MNIST
+    (``size`` applies to its train split only; val and test are whole), or the user's own data (``files`` / ``shards``, see ``load_user_split``).
     The training-only shapes options (twins, count weights) apply to the multi-object train split."""
     if data.dataset in ("files", "shards"):
         return load_user_split(data, split, size)
@@ -61,6 +62,9 @@ def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = Fa
     if data.dataset == "digits":
         return digits.DigitsDataset(digits.DigitsConfig(split=split, image_size=data.image_size,
                                                         num_captions=data.num_captions, seed=data.seed))
+    if data.dataset == "fashion":
+        return fashion.FashionDataset(split, data.image_size, data.path, data.seed, data.num_captions,
+                                      size if split == "train" else None, data.holdout_classes)
     raise ValueError(f"unknown dataset {data.dataset!r}; choose from {', '.join(DATASETS)}")
 
 

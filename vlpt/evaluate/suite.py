@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpt.config import DataConfig, EvalConfig
-from vlpt.data import digits, shapes
+from vlpt.data import digits, fashion, shapes
 from vlpt.data.splits import load_split
 from vlpt.evaluate.linear_probe import linear_probe
 from vlpt.evaluate.report import EvalResult
@@ -143,6 +143,50 @@ def evaluate_digits(model: DualEncoder, data: DataConfig, config: EvalConfig) ->
     return EvalResult(metrics, confusion, digits.CLASS_NAMES)
 
 
+def fashion_classifier(model: DualEncoder, templates: Sequence[str] = fashion.EVAL_TEMPLATES) -> torch.Tensor:
+    """The 10-way Fashion-MNIST zero-shot classifier (D, 10) (default prompts: never training captions)."""
+    prompts = [[fashion.fill_template(t, label) for t in templates] for label in range(fashion.NUM_CLASSES)]
+    return build_prompt_classifier(lambda texts: embed_texts(model, texts), prompts)
+
+
+def holdout_accuracies(logits: torch.Tensor, labels: torch.Tensor, held: Sequence[int]) -> dict[str, float]:
+    """Zero-shot figures for classes kept out of training: the seen classes' test images among all classes,
+    the held-out classes' images among all classes and among the held-out classes alone (and its chance)."""
+    held_t = torch.tensor(sorted(held))
+    is_held = torch.isin(labels, held_t)
+    seen_rows, held_rows = ~is_held, is_held
+    among_held = logits[held_rows][:, held_t].argmax(1)  # index into held_t
+    return {
+        "zeroshot_seen_classes_top1": (logits[seen_rows].argmax(1) == labels[seen_rows]).float().mean().item(),
+        "zeroshot_heldout_top1_among_all": (logits[held_rows].argmax(1) == labels[held_rows]).float().mean().item(),
+        "zeroshot_heldout_top1_among_heldout": (held_t[among_held] == labels[held_rows]).float().mean().item(),
+        "zeroshot_heldout_chance_among_heldout": 1.0 / len(held_t),
+        "zeroshot_heldout_images": int(held_rows.sum()),
+    }
+
+
+def evaluate_fashion(model: DualEncoder, data: DataConfig, config: EvalConfig) -> EvalResult:
+    """Fashion-MNIST's 10,000 test photos: 10-way zero-shot with prompts never used in training (and with the
+    training wording, ``_seen_templates``), the held-out classes apart when ``data.holdout_classes`` is set, and a
+    linear probe fitted on ``eval.probe_train_size`` training images of every class (the probe is a reading of the
+    image features, not the model's training; held-out classes included). No retrieval: the captions come from a
+    few templates, so thousands of images share each caption and recall@K would measure tie-breaking."""
+    model.eval()
+    test = load_split(data, "test")
+    features = embed_images(model, test.images, config.batch_size)
+    logits = zero_shot_logits(features, fashion_classifier(model))
+    labels = torch.from_numpy(test.labels)
+    metrics = accuracy(logits, labels, topk=(1, 5), prefix="zeroshot_")
+    seen = zero_shot_logits(features, fashion_classifier(model, fashion.TRAIN_TEMPLATES))
+    metrics |= {f"{k}_seen_templates": v for k, v in accuracy(seen, labels, prefix="zeroshot_").items()}
+    if data.holdout_classes:
+        metrics |= holdout_accuracies(logits, labels, fashion.check_class_names(data.holdout_classes))
+    probe = fashion.FashionDataset("train", data.image_size, data.path, data.seed, 1, config.probe_train_size)
+    metrics |= linear_probe(embed_images(model, probe.images, config.batch_size), probe.labels, features, test.labels)
+    confusion = confusion_matrix(logits.argmax(1), labels, fashion.NUM_CLASSES)
+    return EvalResult(metrics, confusion, fashion.CLASS_NAMES)
+
+
 # Zero-shot prompts for the user's class names: generic, since their captions' wording is unknown.
 USER_TEMPLATES = ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}")
 
@@ -221,6 +265,8 @@ def evaluate_user_data(model: DualEncoder, data: DataConfig, config: EvalConfig)
 def evaluate(model: DualEncoder, data: DataConfig, config: EvalConfig, cache_dir=None) -> EvalResult:
     if data.dataset == "digits":
         return evaluate_digits(model, data, config)
+    if data.dataset == "fashion":
+        return evaluate_fashion(model, data, config)
     if data.dataset in ("files", "shards"):
         return evaluate_user_data(model, data, config)
     return evaluate_shapes(model, data, config, cache_dir)  # an unknown dataset fails in load_split

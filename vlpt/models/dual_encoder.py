@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,7 +63,7 @@ class DualEncoder(SavesPretrained, nn.Module):
         self.config = config
         # a text tower trained on texts padded to its full context (SigLIP) is given them so
         self.tokenizer = None if tokenizer is None else tokenizer.with_padding(config.text.pad_to_context)
-        self.image_tower = ImageTower(config.image)
+        self.image_tower = ImageTower(config.image, load_pretrained_weights=load_pretrained_weights)
         self.text_tower = TextTower(config.text, load_pretrained_weights=load_pretrained_weights)
         self.image_proj = projection(config.image_projection, self.image_tower.output_dim, config.embed_dim, "image")
         self.text_proj = projection(config.text_projection, self.text_tower.output_dim, config.embed_dim, "text")
@@ -71,6 +72,7 @@ class DualEncoder(SavesPretrained, nn.Module):
         if config.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         self.text_cache: dict[bytes, torch.Tensor] | None = None  # see enable_text_cache
+        self.image_cache: dict[bytes, torch.Tensor] | None = None  # see enable_image_cache
         self.encode_chunk_size = CPU_ENCODE_CHUNK  # see encode_image; 0: one forward per batch
         self.encode_chunk_tokens = CPU_ENCODE_TEXT_TOKENS  # see encode_text; 0: one forward per length group
         self.lock_towers(image=config.image.locked, text=config.text.locked)
@@ -94,6 +96,14 @@ class DualEncoder(SavesPretrained, nn.Module):
         self.text_cache = {}
         self.text_cache_limit = max_entries
 
+    def enable_image_cache(self, max_entries: int = 500_000) -> None:
+        """Memoise a locked image tower's pooled output per image (its uint8 pixels' digest): without
+        augmentation every epoch shows the tower the same images, so each is computed once (LiT)."""
+        if not self.config.image.locked:
+            raise ValueError("the image cache is only valid for a locked image tower")
+        self.image_cache = {}
+        self.image_cache_limit = max_entries
+
     def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
         if self.config.image.locked:
@@ -110,7 +120,10 @@ class DualEncoder(SavesPretrained, nn.Module):
         ``encode_chunk_size`` is encoded in chunks of that size: the same features (and gradients, if
         any), computed with the activations in cache. In train mode BatchNorm needs the whole batch."""
         chunk = self.encode_chunk_size if self._chunks_pay(self.image_tower, images.device) else 0
-        pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images)  # (B, C)
+        if self.image_cache is not None and images.dtype == torch.uint8:
+            pooled = self._cached_image_pooled(images, chunk)
+        else:
+            pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images)  # (B, C)
         features = self.image_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -158,6 +171,21 @@ class DualEncoder(SavesPretrained, nn.Module):
                 self.text_cache.clear()
             self.text_cache.update(zip(new, pooled))
         return torch.stack([self.text_cache[k] for k in keys])  # (B, C)
+
+    @torch.no_grad()
+    def _cached_image_pooled(self, images: torch.Tensor, chunk: int) -> torch.Tensor:
+        keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
+        new = [k for k in dict.fromkeys(keys) if k not in self.image_cache]
+        if new:
+            first: dict[bytes, int] = {}
+            for i, k in enumerate(keys):
+                first.setdefault(k, i)
+            rows = torch.tensor([first[k] for k in new], device=images.device)
+            pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images[rows])  # (U, C)
+            if len(self.image_cache) + len(new) > self.image_cache_limit:
+                self.image_cache.clear()
+            self.image_cache.update(zip(new, pooled))
+        return torch.stack([self.image_cache[k] for k in keys])  # (B, C)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:

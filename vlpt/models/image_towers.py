@@ -3,6 +3,7 @@ pooled vector, projected into the shared embedding space by the dual encoder."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import timm
@@ -14,7 +15,10 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vlpt.config import IMAGE_POOLS, ImageTowerConfig
+from vlpt.config import IMAGE_POOLS, PACKAGE_PREPROCESSING, ImageTowerConfig
+from vlpt.models.pretrained_weights import PACKAGE_WEIGHTS, load_package_weights
+
+log = logging.getLogger(__name__)
 
 # Tiny CPU presets: (timm architecture, keyword overrides). Plain data, not registered into timm.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -42,7 +46,10 @@ def list_image_towers() -> list[str]:
     return sorted(PRESETS)
 
 
-def create_backbone(config: ImageTowerConfig) -> nn.Module:
+def create_backbone(config: ImageTowerConfig, load_pretrained_weights: bool = True) -> nn.Module:
+    """The timm model of ``config`` without its classifier. ``pretrained: true`` loads its weights (unless
+    ``load_pretrained_weights`` is False: a saved model's own weights replace them): from a package for the
+    architectures of ``PACKAGE_WEIGHTS`` (offline), else timm's own."""
     arch, kwargs = PRESETS.get(config.name, (config.name, {}))
     kwargs = {**kwargs, **config.timm_kwargs}
     if not timm.is_model(arch):
@@ -52,10 +59,19 @@ def create_backbone(config: ImageTowerConfig) -> nn.Module:
         kwargs.setdefault("img_size", config.image_size)
     if config.activation is not None:
         kwargs["act_layer"] = config.activation  # timm knows gelu, quick_gelu and gelu_tanh by these names
+    from_package = config.pretrained and config.name in PACKAGE_WEIGHTS  # not through a preset's overrides
+    from_timm = config.pretrained and load_pretrained_weights and not from_package
     try:
-        backbone = timm.create_model(arch, pretrained=config.pretrained, num_classes=0, **kwargs)
+        backbone = timm.create_model(arch, pretrained=from_timm, num_classes=0, **kwargs)
     except TypeError as err:  # a keyword this timm architecture does not take
         raise ValueError(f"image tower {config.name!r} ({arch}): {err}") from err
+    if from_package and load_pretrained_weights:
+        load_package_weights(backbone, config.name)
+        own = PACKAGE_PREPROCESSING[config.name]
+        if (tuple(config.mean), tuple(config.std)) != (own["mean"], own["std"]):
+            log.warning("image tower %s: its pretrained weights were trained on inputs normalised with mean %s, "
+                        "std %s; this config normalises with mean %s, std %s", config.name, own["mean"], own["std"],
+                        tuple(config.mean), tuple(config.std))
     if config.layer_norm_eps is not None:
         for module in backbone.modules():
             if isinstance(module, nn.LayerNorm):
@@ -148,12 +164,12 @@ class ImageTower(nn.Module):
     """timm backbone -> tokens (B, N, C) and pooled (B, C). Accepts normalised float images, or uint8
     images (normalised here, late, so data can stay uint8 up to the model)."""
 
-    def __init__(self, config: ImageTowerConfig):
+    def __init__(self, config: ImageTowerConfig, load_pretrained_weights: bool = True):
         super().__init__()
         if config.pool not in POOLS:
             raise ValueError(f"unknown image pooling {config.pool!r}; choose from {', '.join(POOLS)}")
         self.config = config
-        self.backbone = create_backbone(config)
+        self.backbone = create_backbone(config, load_pretrained_weights)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.backbone.eval()  # probe the token grid once to size the pooling layer (BN needs eval at B=1)
@@ -169,10 +185,19 @@ class ImageTower(nn.Module):
         self.class_token_only = class_token_only_ok(self.backbone, config.pool)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, H, W, 3) or (B, 3, H, W) -> normalised floats (B, 3, S, S); square pixels of another
+        size are resized to the tower's ``image_size`` S first (``interpolation``, antialiased), so small data
+        (28 px Fashion-MNIST) can feed a tower pretrained at 224 px without storing it at that size."""
         if images.dtype == torch.uint8:
             if images.shape[-1] == 3 and images.shape[1] != 3:  # (B, H, W, 3) -> (B, 3, H, W)
                 images = images.permute(0, 3, 1, 2)
-            images = (images.float() - self.mean) / self.std
+            images = images.float()
+            size = self.config.image_size
+            if images.shape[-2:] != (size, size) and images.shape[-2] == images.shape[-1]:
+                mode = self.config.interpolation
+                images = F.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
+                                       align_corners=False if mode != "nearest" else None).clamp(0, 255)
+            images = (images - self.mean) / self.std
         return images
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

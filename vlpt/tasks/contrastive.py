@@ -81,7 +81,7 @@ def _shards_path(config: RunConfig) -> str:
 class Contrastive(TaskSpec):
     name = "contrastive"
     description = "contrastive pre-training of a dual encoder (InfoNCE | SigLIP | pairwise)"
-    datasets = ("shapes", "digits", "files", "shards")
+    datasets = ("shapes", "digits", "fashion", "files", "shards")
     gradcache = True
     contrastive_loss = True
     caption_noise = True
@@ -100,6 +100,8 @@ class Contrastive(TaskSpec):
         model = dual_encoder_for(config, None, corpus, tokenizer)
         if config.model.text.locked:
             model.enable_text_cache()  # LiT: a frozen tower's caption features are computed once
+        if config.model.image.locked and not config.data.augment:
+            model.enable_image_cache()  # and a frozen image tower's features, when the pixels repeat exactly
         return model
 
     def dual_encoder(self, model: DualEncoder) -> DualEncoder:

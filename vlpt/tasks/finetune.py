@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from vlpt.config import RunConfig, load_config
-from vlpt.data import digits, shapes
+from vlpt.data import digits, fashion, shapes
 from vlpt.data.finetune import ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
 from vlpt.data.splits import applies, load_split
 from vlpt.evaluate.finetune import evaluate_classifier, evaluate_matching, evaluate_vqa
 from vlpt.evaluate.report import EvalResult
-from vlpt.evaluate.suite import digits_classifier, shapes_classifier
+from vlpt.evaluate.suite import digits_classifier, fashion_classifier, shapes_classifier
 from vlpt.factory import load_dual_encoder
 from vlpt.models.dual_encoder import DualEncoder
 from vlpt.models.fusion import FusionConfig
@@ -127,10 +127,13 @@ class TaskData:
 
 def task_split(config: RunConfig, split: str, cache_dir=None):
     """A split of the task's data: shapes classification uses single-object scenes (the label is that
-    object's (color, shape)); vqa and match use 1-3 object scenes, i.i.d. (no twins); digits its fixed split."""
+    object's (color, shape)); vqa and match use 1-3 object scenes, i.i.d. (no twins); digits its fixed split;
+    Fashion-MNIST the first ``finetune.train_size`` training images and its whole test file."""
     data, ft = config.data, config.finetune
     if data.dataset == "digits":
         return load_split(data, split)
+    if data.dataset == "fashion":
+        return load_split(data, split, ft.train_size)  # test: the whole published test file
     plain = dataclasses.replace(data, twins=False, count_weights=(1.0, 1.0, 1.0))
     size = ft.train_size if split == "train" else ft.test_size
     return load_split(plain, split, size, single=config.train.task == "classify", cache_dir=cache_dir)
@@ -153,8 +156,11 @@ def build_task_model(config: RunConfig, data: TaskData, tokenizer: Tokenizer | N
 
     def corpus() -> list[str]:
         texts = [c for s in data.train_scenes for c in s.captions] + flatten_questions(data.train_scenes)[0]
-        # digits: its caption templates
-        return texts or [digits.fill_template(t, d) for t in digits.TRAIN_TEMPLATES for d in range(digits.NUM_CLASSES)]
+        if texts:
+            return texts
+        if config.data.dataset == "fashion":  # the class-name data sets: their caption templates
+            return [fashion.fill_template(t, c) for t in fashion.TRAIN_TEMPLATES for c in range(fashion.NUM_CLASSES)]
+        return [digits.fill_template(t, d) for t in digits.TRAIN_TEMPLATES for d in range(digits.NUM_CLASSES)]
 
     encoder = dual_encoder_for(config, ft.from_run, corpus, None if ft.from_run else tokenizer)
     config.model = encoder.config  # the run records the architecture it actually fine-tuned
@@ -177,7 +183,8 @@ def init_zero_shot_head(model: TaskModel, dataset: str) -> None:
     learned temperature (as FLYP and WiSE-FT do). Fine-tuning then starts from the pre-trained model's
     zero-shot accuracy instead of chance, and the towers are not pulled apart by a random head."""
     encoder = model.encoder
-    classifier = shapes_classifier(encoder) if dataset == "shapes" else digits_classifier(encoder)  # (D, C)
+    classifier = {"shapes": shapes_classifier, "digits": digits_classifier,
+                  "fashion": fashion_classifier}[dataset](encoder)  # (D, C)
     scale = encoder.logit_scale.clamp(0, encoder.config.max_logit_scale).exp()
     model.head.net.weight.copy_(scale * classifier.T)  # (C, D)
     model.head.net.bias.zero_()
@@ -216,7 +223,7 @@ class FineTune(TaskSpec):
         problems = super().check(config, env)
         if config.data.dataset not in self.datasets:
             problems[0] += " (it needs the shapes world: questions and captions come from the scenes' ground truth; " \
-                           "digits supports classify)"
+                           "digits and fashion support classify)"
         return problems
 
     def outputs(self, config: RunConfig) -> list[str]:
@@ -235,10 +242,11 @@ class FineTune(TaskSpec):
 class Classify(FineTune):
     name = "classify"
     description = "image classification: a linear or MLP head on the image embedding"
-    datasets = ("shapes", "digits")
+    datasets = ("shapes", "digits", "fashion")
 
     def outputs(self, config: RunConfig) -> list[str]:
-        return list(digits.CLASS_NAMES if config.data.dataset == "digits" else shapes.CLASS_NAMES)
+        return list({"digits": digits.CLASS_NAMES, "fashion": fashion.CLASS_NAMES}.get(config.data.dataset,
+                                                                                       shapes.CLASS_NAMES))
 
     def batches(self, config: RunConfig, data: TaskData, model: TaskModel, env: DistributedEnv):
         t = config.train
