@@ -71,7 +71,7 @@ def test_a_value_out_of_range_says_what_is_allowed(override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.dataset=shapez", "data.dataset: choose from shapes | digits | files | shards, got 'shapez' "
+    ("data.dataset=shapez", "data.dataset: choose from shapes | digits | fashion | files | shards, got 'shapez' "
                             "(did you mean 'shapes'?)"),
     ("train.loss=clip", "train.loss: choose from infonce | siglip | pairwise, got 'clip'"),
     ("train.accum_mode=cache", "train.accum_mode: choose from plain | gradcache"),
@@ -211,7 +211,7 @@ def test_validate_config_catches_values_set_in_code():
     config.data.dataset = "Shapes"
     with pytest.raises(ConfigError) as error:
         validate_config(config)
-    assert error.value.problems == ["data.dataset: choose from shapes | digits | files | shards, got 'Shapes' "
+    assert error.value.problems == ["data.dataset: choose from shapes | digits | fashion | files | shards, got 'Shapes' "
                                     "(did you mean 'shapes'?)", "train.steps: must be >= 1, got 0"]
     with pytest.raises(ConfigError, match="train.steps"):
         apply_overrides(config, ["data.dataset=shapes"])
