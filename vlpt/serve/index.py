@@ -270,8 +270,6 @@ class Embedder:
             texts = [{"caption": t, "image": -1, "row": line} for line, t in source.parts[i]]
         for index, row in enumerate(images):
             texts += [{"caption": c, "image": index, "row": row["row"]} for c in row["captions"]]
-        if source.kind == "text" and self.progress is not None:
-            self.progress.update(len(texts))
         image_vectors = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         text_vectors = self.texts([t["caption"] for t in texts])
         return Part(fingerprint, images, image_vectors.astype(np.float32), texts, text_vectors.astype(np.float32),
@@ -531,7 +529,9 @@ def build_index(model_spec: str | Path, source_spec: str | Path, out: str | Path
                 reused += 1
                 bar.update(source.sizes[i])
                 continue
+            before = bar.n
             embedder.part(source, i, fingerprint).save(path)
+            bar.update(source.sizes[i] - (bar.n - before))  # unreadable items count as done
             computed += 1
     finally:
         embedder.close()
