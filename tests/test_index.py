@@ -160,11 +160,12 @@ def test_near_duplicates_are_removed_and_listed(model_dir, folder, tmp_path):
         shutil.copy(src / "images" / "00000.png", src / "images" / f"copy{i}.png")
     with open(src / "captions.csv", "a") as f:
         f.writelines(f"images/copy{i}.png,a copy of the first scene,\n" for i in range(3))
-    result = build_index(model_dir, src, tmp_path / "index", IndexOptions(dedup=0.999), progress=False)
+    # an untrained tiny model maps distinct scenes to cosine ~0.96-0.9995: only the copies are this close
+    result = build_index(model_dir, src, tmp_path / "index", IndexOptions(dedup=0.99999), progress=False)
     manifest = result.manifest
-    assert manifest["counts"]["duplicates"] >= 3 and manifest["counts"]["images"] == 43 - manifest["counts"]["duplicates"]
-    copies = [d for d in manifest["duplicates"] if d["where"].startswith("images/copy")]
-    assert len(copies) == 3 and all(d["duplicate_of"] == 0 for d in copies)
+    assert manifest["counts"]["duplicates"] == 3 and manifest["counts"]["images"] == 40
+    assert [(d["where"], d["duplicate_of"]) for d in manifest["duplicates"]] == \
+        [(f"images/copy{i}.png", 0) for i in range(3)]
     texts = IndexReader.open(tmp_path / "index").collections["text"]
     copy_captions = [r for r in texts.rows(range(texts.count)) if r["caption"] == "a copy of the first scene"]
     assert [r["image_id"] for r in copy_captions] == [0, 0, 0]  # a dropped image's captions point at the kept one

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
@@ -604,6 +605,10 @@ def create_app(config: ServeConfig, load: bool = True):
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
         return error(err.status_code, str(err.detail), getattr(err, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, err: ClientDisconnect):  # nobody reads this answer; counted as a 499
+        return error(499, "the client closed the connection before sending its whole body")
 
     @app.exception_handler(Exception)
     async def internal_error(request, err: Exception):  # a bug: logged, and a JSON 500 all the same

@@ -27,7 +27,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from vlpt.io import ImageLoadError, atomic_write, atomic_write_text
-from vlpt.serve.sources import Failure, Preprocessing, Source, decode_file, open_source, shard_items
+from vlpt.serve.sources import Preprocessing, Source, decode_file, open_source, shard_items
 from vlpt.train.distributed import DistributedEnv, barrier, is_main
 
 log = logging.getLogger(__name__)

@@ -204,8 +204,11 @@ def open_image(data: bytes, limits: Limits, what: str = "image") -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(413, f"{what} declares more pixels than allowed (a possible decompression bomb)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))  # PIL: "Image size (N pixels) exceeds limit of ..."
+        size = f"{int(pixels[1]):,} pixels" if pixels else "more pixels than PIL allows"
+        raise RequestError(413, f"{what} declares {size}, over max_image_pixels ({limits.max_image_pixels:,}): "
+                                f"a possible decompression bomb, refused before decoding") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for bytes it cannot identify
         raise RequestError(422, f"{what} is not an image of a format the server reads (PNG, JPEG, WebP, ...)") from None
     width, height = img.size
