@@ -86,21 +86,24 @@ function options() {
   return { k: Number($("k").value), modality: $("modality").value, dedup: $("dedup").checked };
 }
 
+// true when the search succeeded (its results are shown); false when its error is shown instead
 async function search(query, what) {
   showError("");
   $("search-button").disabled = true;
   try {
     const response = await call("/search", { ...query, ...options() });
     render((await response.json()).results, what);
+    return true;
   } catch (err) {
     showError(err.message);
+    return false;
   } finally {
     $("search-button").disabled = false;
   }
 }
 
 async function searchByItem(id, result) {
-  await search({ item: id }, `item #${id}`);
+  if (!(await search({ item: id }, `item #${id}`))) return;
   if (result && result.image_url) {
     try {
       const blob = await (await fetch(result.image_url)).blob();
@@ -113,8 +116,8 @@ async function searchByFile(file) {
   if (!file) return;
   if (!file.type.startsWith("image/")) { showError(`${file.name} is not an image`); return; }
   const base64 = await toBase64(file);
-  setCurrent(base64, file.type, file.name);
-  await search({ image: base64 }, file.name);
+  // a file the server refuses does not replace the current image: its error is shown instead
+  if (await search({ image: base64 }, file.name)) setCurrent(base64, file.type, file.name);
 }
 
 function wire() {
