@@ -349,7 +349,9 @@ class Server:
         if model_spec is not None:
             if self.index is not None:
                 check_model_matches(config.index, model_spec)
-            self.dual = load_dual_encoder(model_spec).eval()
+            from vlpt.serve.index import channels_last
+
+            self.dual = channels_last(load_dual_encoder(model_spec).eval())  # as `vlpt index` embeds: same vectors
             if self.index is not None and self.dual.config.embed_dim != self.index.manifest["embed_dim"]:
                 raise ValueError(f"the model embeds in {self.dual.config.embed_dim} dimensions, the index holds "
                                  f"{self.index.manifest['embed_dim']}")
