@@ -53,7 +53,10 @@ FLAT_MAX = 20_000  # auto: exact search up to this many vectors ...
 HNSW_MAX = 500_000  # ... a graph (HNSW) up to this many, IVF-PQ above
 HNSW_M = 32  # graph neighbours per node
 HNSW_EF_CONSTRUCTION = 80
-IVF_K_FACTORS = (8, 16, 32)  # candidates re-ranked with exact-ish (8-bit) vectors, per result asked
+# candidates re-ranked with exact-ish (8-bit) vectors, per result asked: tightly clustered embeddings (many
+# near-identical images) need a long list, as 4-bit codes cannot order what lies that close
+IVF_K_FACTORS = (8, 16, 32, 64, 128, 256)
+TIE_TOLERANCE = 1e-3  # recall: a result this close to the k-th exact neighbour's similarity counts (ann-benchmarks)
 TUNE_QUERIES = 500
 METRIC = "inner_product"  # on L2-normalised vectors: cosine similarity
 
@@ -349,16 +352,23 @@ def apply_search_params(index, params: dict) -> None:
 
 
 def recall_at(index, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int,
-              exclude: np.ndarray | None = None) -> float:
-    """Mean recall@k of ``index`` against exact neighbours ``truth``; ``exclude[i]`` (the query's own id)
-    is left out of both lists, so a query that is in the collection does not count itself."""
+              exclude: np.ndarray | None = None, tolerance: float = TIE_TOLERANCE) -> float:
+    """Mean recall@k of ``index`` against exact neighbours ``truth``: the share of the k results whose exact
+    similarity to the query reaches the k-th exact neighbour's, less ``tolerance``. This is ann-benchmarks'
+    definition: among near-duplicates (embeddings of near-identical images, repeated captions) which of several
+    equally near items comes back is not a miss. ``exclude[i]`` (the query's own id) is left out of both lists,
+    so a query that is in the collection does not count itself."""
     extra = 0 if exclude is None else 1
-    _, found = index.search(queries, k + extra)
-    hits = 0
-    for i in range(len(queries)):
-        want = [t for t in truth[i] if exclude is None or t != exclude[i]][:k]
+    _, found = index.search(np.ascontiguousarray(queries, np.float32), k + extra)
+    hits = 0.0
+    for i, query in enumerate(queries):
+        want = [t for t in truth[i] if t >= 0 and (exclude is None or t != exclude[i])][:k]
         got = [f for f in found[i] if f >= 0 and (exclude is None or f != exclude[i])][:k]
-        hits += len(set(want) & set(got)) / max(1, len(want))
+        if not want:
+            continue
+        threshold = float(np.asarray(vectors[want[-1]], np.float32) @ query) - tolerance
+        sims = np.asarray(vectors[np.sort(np.asarray(got, np.int64))], np.float32) @ query if got else np.zeros(0)
+        hits += min(len(want), int(np.sum(sims >= threshold))) / len(want)
     return hits / len(queries)
 
 
@@ -370,26 +380,35 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     return ids
 
 
-def tune_search(index, info: dict, vectors: np.ndarray, target: float, k: int = 10, seed: int = 0) -> dict:
-    """The cheapest search setting whose recall@k against exact search, on a sample of the collection's own
-    vectors as queries (each query's own id left out), reaches ``target``; the largest tried otherwise."""
+def tune_search(index, info: dict, vectors: np.ndarray, target: float, k: int = 10, seed: int = 0,
+                other: np.ndarray | None = None) -> dict:
+    """The cheapest search setting whose recall@k against exact search reaches ``target`` for each kind of query
+    tried: a sample of the collection's own vectors (each query's own id left out) and, when given, a sample of
+    ``other`` (the other modality's vectors: an image index is searched by text); the largest tried otherwise."""
     kind = info["type"]
     if kind == "flat":
         return {"recall_at_10": 1.0}
     n = len(vectors)
     rng = np.random.default_rng(seed)
     qids = np.sort(rng.choice(n, min(TUNE_QUERIES, n), replace=False))
-    queries = np.ascontiguousarray(vectors[qids], np.float32)
-    truth = exact_neighbours(vectors, queries, k + 1)
+    sets = [(np.ascontiguousarray(vectors[qids], np.float32), qids, k + 1)]
+    if other is not None and len(other):
+        picked = np.sort(rng.choice(len(other), min(TUNE_QUERIES, len(other)), replace=False))
+        sets.append((np.ascontiguousarray(other[picked], np.float32), None, k))
+    sets = [(q, ex, exact_neighbours(vectors, q, kk)) for q, ex, kk in sets]
     if kind == "hnsw":
         ladder = [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024)]
     else:
         probes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= info["nlist"]]
-        ladder = [{"nprobe": p, "k_factor": kf} for kf in IVF_K_FACTORS for p in probes]
+        # cheapest first, by a rough cost: codes scanned (nprobe lists of n / nlist) + candidates re-ranked
+        # (one costs about as much as 16 scanned 4-bit codes)
+        cost = lambda p, kf: p * n / info["nlist"] + 16 * kf * k  # noqa: E731
+        ladder = [{"nprobe": p, "k_factor": kf} for p, kf in
+                  sorted(((p, kf) for kf in IVF_K_FACTORS for p in probes), key=lambda pk: cost(*pk))]
     best = None
     for params in ladder:
         apply_search_params(index, params)
-        recall = recall_at(index, vectors, queries, truth, k, exclude=qids)
+        recall = min(recall_at(index, vectors, q, truth, k, exclude=ex) for q, ex, truth in sets)
         best = {**params, "recall_at_10": round(recall, 4)}
         if recall >= target:
             break
@@ -397,7 +416,10 @@ def tune_search(index, info: dict, vectors: np.ndarray, target: float, k: int = 
         log.warning("the %s index reaches recall@%d %.3f at its largest setting tried (%s), under the target %.2f",
                     kind, k, best["recall_at_10"], best, target)
     apply_search_params(index, best)
-    return {**best, "tuned_on": f"{len(qids)} of the collection's vectors as queries, target {target}"}
+    tried = f"{len(qids)} of the collection's vectors" + (f" and {len(sets[1][0])} of the other modality's"
+                                                           if len(sets) > 1 else "")
+    return {**best, "tuned_on": f"{tried} as queries (the lower recall), target {target}, "
+                                f"tie tolerance {TIE_TOLERANCE}"}
 
 
 def near_duplicates(vectors: np.ndarray, threshold: float, existing: np.ndarray | None = None,
@@ -648,7 +670,9 @@ def _merge(out: Path, source: Source, identity: dict, manifest: dict | None, opt
         count = counts_before[modality] + len(vectors)
         if info is None:  # a new index: built, trained and tuned on these vectors
             index, build = build_faiss(vectors, options.index_type, options)
-            search = tune_search(index, build, vectors, options.target_recall, seed=options.seed)
+            other = [v for m, (v, _) in new_tables.items() if m != modality]  # the queries from the other side
+            search = tune_search(index, build, vectors, options.target_recall, seed=options.seed,
+                                 other=other[0] if other else None)
             info = {"type": build["type"], "build": build, "search": search, "chunks": []}
         else:  # --add: the trained index takes the new vectors as they are
             index = faiss.read_index(str(out / info["file"]))
