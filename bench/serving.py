@@ -250,7 +250,7 @@ def mean_text_batch(url: str) -> float:
 
 # ----------------------------------------------------------------------------- 3. IVF-PQ at 1M
 
-def ivfpq(model_dir: Path, index: Path, n: int, queries_n: int) -> dict:
+def ivfpq(model_dir: Path, index_dir: Path, n: int, queries_n: int) -> dict:
     import faiss
 
     from vlpt.factory import load_dual_encoder
@@ -264,7 +264,10 @@ def ivfpq(model_dir: Path, index: Path, n: int, queries_n: int) -> dict:
         tune_search,
     )
 
-    _, real = IndexReader.open(index).vectors("image")
+    reader = IndexReader.open(index_dir)
+    _, real = reader.vectors("image")
+    _, captions_of_index = reader.vectors("text")  # as `vlpt index` tunes: the captions as queries too
+    del reader
     rng = np.random.default_rng(0)
     extra = n - len(real)
     log(f"IVF-PQ: {len(real)} real vectors + {extra} augmented")
@@ -285,7 +288,6 @@ def ivfpq(model_dir: Path, index: Path, n: int, queries_n: int) -> dict:
 
     start = time.perf_counter()
     index, info = build_faiss(vectors, "ivfpq", IndexOptions())
-    _, captions_of_index = IndexReader.open(index).vectors("text")  # as `vlpt index` tunes: text queries too
     search = tune_search(index, info, vectors, 0.95, other=captions_of_index)
     build_s = time.perf_counter() - start
     log(f"IVF-PQ built and tuned in {build_s:.0f} s: {info['factory']}, {search}")
