@@ -255,7 +255,8 @@ def cmd_data_shards(src: str, out: Path, shard_size: int, split: str = "train", 
 
 def cmd_index(model: str, source: str, out: Path, add: bool = False, overwrite: bool = False,
               index_type: str = "auto", dedup: float | None = None, part_size: int = 1024, batch_size: int = 256,
-              workers: int = 2, target_recall: float = 0.95, keep_parts: bool = False, progress: bool = True):
+              workers: int = 2, target_recall: float = 0.95, keep_parts: bool = False, progress: bool = True,
+              precision: str = "auto"):
     """``vlpt index MODEL SOURCE OUT``: embed SOURCE (an image folder with or without a captions file, webdataset
     shards, or a .txt file of captions) with MODEL into faiss indexes + metadata + a manifest in OUT. Under
     torchrun every rank embeds its share of the parts and rank 0 merges them."""
@@ -265,7 +266,7 @@ def cmd_index(model: str, source: str, out: Path, add: bool = False, overwrite: 
     from vlpt.train.distributed import cleanup, init_distributed
 
     options = IndexOptions(index_type=index_type, part_size=part_size, batch_size=batch_size, workers=workers,
-                           dedup=dedup, target_recall=target_recall, keep_parts=keep_parts)
+                           dedup=dedup, target_recall=target_recall, keep_parts=keep_parts, precision=precision)
     env = init_distributed(timeout=timedelta(hours=12))  # a rank waits at the barrier while the others embed
     try:
         result = build_index(model, source, out, options, add=add, overwrite=overwrite, env=env, progress=progress)
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="HNSW / IVF-PQ: search settings are tuned to reach this recall@10 against exact search")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after merging")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the image forward: auto = bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("serve", help="serve search, embeddings and the applications over HTTP, with a web page")
@@ -513,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "index":
             cmd_index(args.model, args.source, args.out, args.add, args.overwrite, args.index_type, args.dedup,
                       args.part_size, args.batch_size, args.workers, args.target_recall, args.keep_parts,
-                      not args.no_progress)
+                      not args.no_progress, args.precision)
         elif args.command == "serve":
             cmd_serve(args.index, args.model, args.caption, args.vqa, args.match, args.generate, args.host,
                       args.port, args.limits, args.max_batch, args.max_wait_ms, args.threads)
