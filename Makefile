@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Versions this machine serves from local disk; the pyproject states the range users elsewhere can satisfy.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/vlpt demo
 
-test: install $(FASHION_MNIST)
+# tests/test_web.py drives Debian's chromium (headless). Installed here when missing (apt, as root); if that cannot
+# be done the browser test fails and says how to install it: it is never skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing chromium (Debian) for tests/test_web.py"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	    { [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo apt-get update -qq && \
+	      sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	    echo "could not install chromium: tests/test_web.py will fail (apt-get install chromium)"; }
+
+test: install browser $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q
 
 clean:

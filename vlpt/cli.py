@@ -253,6 +253,51 @@ def cmd_data_shards(src: str, out: Path, shard_size: int, split: str = "train", 
     return paths
 
 
+def cmd_index(model: str, source: str, out: Path, add: bool = False, overwrite: bool = False,
+              index_type: str = "auto", dedup: float | None = None, part_size: int = 1024, batch_size: int = 256,
+              workers: int = 2, target_recall: float = 0.95, keep_parts: bool = False, progress: bool = True,
+              precision: str = "auto"):
+    """``vlpt index MODEL SOURCE OUT``: embed SOURCE (an image folder with or without a captions file, webdataset
+    shards, or a .txt file of captions) with MODEL into faiss indexes + metadata + a manifest in OUT. Under
+    torchrun every rank embeds its share of the parts and rank 0 merges them."""
+    from datetime import timedelta
+
+    from vlpt.serve.index import IndexOptions, build_index, summary
+    from vlpt.train.distributed import cleanup, init_distributed
+
+    options = IndexOptions(index_type=index_type, part_size=part_size, batch_size=batch_size, workers=workers,
+                           dedup=dedup, target_recall=target_recall, keep_parts=keep_parts, precision=precision)
+    env = init_distributed(timeout=timedelta(hours=12))  # a rank waits at the barrier while the others embed
+    try:
+        result = build_index(model, source, out, options, add=add, overwrite=overwrite, env=env, progress=progress)
+    finally:
+        cleanup(env)
+    if result.manifest is not None:
+        state = "up to date" if result.up_to_date else \
+            f"{result.computed_parts} part(s) embedded, {result.reused_parts} reused"
+        print(f"wrote {out}: {summary(result.manifest)}; {state}")
+        failed = result.manifest["failures"]
+        if failed:
+            shown = "; ".join(f"{f['where']}: {f['reason']}" for f in failed[:3])
+            print(f"skipped {len(failed)} unreadable item(s) (listed in {out}/manifest.json): {shown}"
+                  f"{'; ...' if len(failed) > 3 else ''}")
+    return result
+
+
+def cmd_serve(index: Path | None, model: str | None, caption: str | None = None, vqa: str | None = None,
+              match: str | None = None, generate: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+              limit_overrides: Sequence[str] = (), max_batch: int = 32, max_wait_ms: float = 2.0,
+              threads: int = 1) -> None:
+    """``vlpt serve --index OUT [--model RUN] [--caption RUN] [--vqa RUN] [--match RUN] [--generate RUN]``:
+    search, embeddings and the applications over HTTP (FastAPI + uvicorn), and the web page at /."""
+    from vlpt.serve.app import ServeConfig, parse_limits, serve
+
+    config = ServeConfig(index=index, model=model, caption=caption, vqa=vqa, match=match, generate=generate,
+                         host=host, port=port, limits=parse_limits(limit_overrides), max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, threads=threads)
+    serve(config)
+
+
 def print_metrics(metrics: dict, where: str) -> None:
     width = max(map(len, metrics))
     for key in sorted(metrics):
@@ -384,6 +429,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes / digits: pixels per side (folder images are copied as they are)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
 
+    p = sub.add_parser("index", help="embed an image folder, shards or a captions file into a faiss index "
+                                     "(+ metadata and a manifest) for `vlpt serve`")
+    p.add_argument("model", help="model or run folder (vlpt, transformers CLIP / SigLIP, OpenCLIP; or OpenCLIP ARCH,FILE)")
+    p.add_argument("source", help="an image folder (with captions.csv / captions.jsonl, or just images), webdataset "
+                                  "shards (a folder of .tar, a .tar, a {000..009} pattern), or a .txt file of captions")
+    p.add_argument("out", type=Path, help="the index folder to write")
+    p.add_argument("--add", action="store_true", help="add SOURCE to the index in OUT (no retraining)")
+    p.add_argument("--overwrite", action="store_true", help="replace the index in OUT")
+    p.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                   help="auto: flat up to 20,000 vectors, HNSW up to 500,000, IVF-PQ above")
+    p.add_argument("--dedup", type=float, default=None, metavar="SIM",
+                   help="drop near-duplicates: an image (a text, for a .txt source) whose cosine similarity with one "
+                        "kept before is >= SIM, e.g. 0.98 (listed in the manifest)")
+    p.add_argument("--part-size", type=int, default=1024, help="images (or lines) per part of work (resumable unit)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model forward")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="HNSW / IVF-PQ: search settings are tuned to reach this recall@10 against exact search")
+    p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after merging")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the image forward: auto = bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("serve", help="serve search, embeddings and the applications over HTTP, with a web page")
+    p.add_argument("--index", type=Path, help="an index folder written by `vlpt index`")
+    p.add_argument("--model", help="the dual encoder for queries (default: the index's model)")
+    p.add_argument("--caption", help="a captioner (model or run folder): POST /caption")
+    p.add_argument("--vqa", help="a `vlpt finetune --task vqa` model: POST /answer")
+    p.add_argument("--match", help="a `vlpt finetune --task match` model: POST /match")
+    p.add_argument("--generate", help="a text -> image generator: POST /generate")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--limit", dest="limits", action="append", default=[], metavar="NAME=VALUE",
+                   help="change a limit, e.g. --limit max_k=100 (see docs/serving.md for the names and defaults)")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch the dynamic batcher forms (1: off)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    p.add_argument("--threads", type=int, default=1, help="torch / faiss threads per model worker")
+
     sub.add_parser("configs", help="list the named configs")
     return parser
 
@@ -430,6 +513,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          guidance_interval=args.guidance_interval)
         elif args.command == "data" and args.data_command == "shards":
             cmd_data_shards(args.src, args.out, args.shard_size, args.split, args.size, args.image_size, args.overwrite)
+        elif args.command == "index":
+            cmd_index(args.model, args.source, args.out, args.add, args.overwrite, args.index_type, args.dedup,
+                      args.part_size, args.batch_size, args.workers, args.target_recall, args.keep_parts,
+                      not args.no_progress, args.precision)
+        elif args.command == "serve":
+            cmd_serve(args.index, args.model, args.caption, args.vqa, args.match, args.generate, args.host,
+                      args.port, args.limits, args.max_batch, args.max_wait_ms, args.threads)
         elif args.command == "configs":
             print("\n".join(list_configs()))
     except user_errors as err:
