@@ -25,6 +25,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # output_stride 16: a 4x4 feature map at 64 px, so positions survive to the pooling layer.
     "resnet-tiny": ("resnet18", dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32,
                                      output_stride=16)),
+    # CLIP's ModifiedResNet at its smallest, as timm builds it: bottleneck blocks, a 3-conv stem and average-pool
+    # downsampling (resnet50d), width 16 (512 output channels), 0.5 M parameters. On the shapes world it keeps
+    # colour-shape binding and places far better than resnet-tiny (docs/results.md, validation scenes).
+    "resnetd-tiny": ("resnet50d", dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=8,
+                                       output_stride=16)),
     "resnet-small": ("resnet18", dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), stem_width=32,
                                       output_stride=16)),
     "vit-tiny": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)),
