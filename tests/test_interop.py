@@ -9,8 +9,11 @@ import json
 import shutil
 import types
 
+import open_clip  # the test extra installs it: these tests never skip
 import pytest
 import torch
+from open_clip.model import set_model_preprocess_cfg
+from open_clip.push_to_hf_hub import save_for_hf
 from PIL import Image
 from transformers import (
     AutoTokenizer,
@@ -35,10 +38,6 @@ from vlpt.interop.open_clip import text_from_hf, text_to_hf
 from vlpt.io import ModelLoadError
 from vlpt.models.text_towers import eos_positions
 from vlpt.tokenization import Tokenizer, clip_bpe_tokenizer, train_wordpiece
-
-open_clip = pytest.importorskip("open_clip")
-from open_clip.model import set_model_preprocess_cfg  # noqa: E402
-from open_clip.push_to_hf_hub import save_for_hf  # noqa: E402
 
 TEXTS = ["a red circle", "two blue stars in the top left corner of the picture", "x",
          "a small yellow hexagon above a purple triangle"]
@@ -668,7 +667,8 @@ def test_a_captioner_trains_on_an_imported_open_clip_model(tmp_path):
 
 
 def test_vlpt_eval_and_clip_benchmark_agree_on_an_image_folder(tmp_path):
-    pytest.importorskip("clip_benchmark")
+    import clip_benchmark  # noqa: F401  (the test extra installs it; compare() runs its command line)
+
     from vlpt.interop.clip_benchmark import compare
     from vlpt.train.run import fit
 
