@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpt.data.digits import split_indices
+from vlpt.evaluate.zero_shot import format_prompt  # the article before the name: "an ankle boot"
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 # Zalando's label order. Names are what the prompts say: "a photo of a pair of trousers".
@@ -90,8 +91,6 @@ def check_class_names(names: Sequence[str]) -> list[int]:
 
 
 def fill_template(template: str, label: int) -> str:
-    from vlpt.evaluate.zero_shot import format_prompt  # the article before the name: "an ankle boot"
-
     return format_prompt(template, CLASS_NAMES[label])
 
 

@@ -9,7 +9,7 @@ import contextlib
 import copy
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -56,6 +56,33 @@ def projection(kind: str, width: int, embed_dim: int, tower: str) -> nn.Module:
     return nn.Linear(width, embed_dim, bias=kind == "linear_bias")
 
 
+class PooledCache:
+    """A locked tower's pooled outputs memoised by a key per input row (token ids, or an image's pixel digest):
+    each distinct input goes through the tower once; at ``limit`` entries the cache starts over."""
+
+    def __init__(self, limit: int):
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @torch.no_grad()
+    def pooled(self, keys: list[bytes], compute: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+               ) -> torch.Tensor:
+        """(B, C) for the B keys; ``compute(rows)`` gives the pooled outputs of the inputs at ``rows`` (U, C)."""
+        new = [k for k in dict.fromkeys(keys) if k not in self.entries]
+        if new:
+            first: dict[bytes, int] = {}
+            for i, k in enumerate(keys):
+                first.setdefault(k, i)
+            pooled = compute(torch.tensor([first[k] for k in new], device=device))  # (U, C)
+            if len(self.entries) + len(new) > self.limit:
+                self.entries.clear()
+            self.entries.update(zip(new, pooled))
+        return torch.stack([self.entries[k] for k in keys])
+
+
 class DualEncoder(SavesPretrained, nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None,
                  load_pretrained_weights: bool = True):
@@ -71,8 +98,8 @@ class DualEncoder(SavesPretrained, nn.Module):
         self.logit_bias = None
         if config.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
-        self.text_cache: dict[bytes, torch.Tensor] | None = None  # see enable_text_cache
-        self.image_cache: dict[bytes, torch.Tensor] | None = None  # see enable_image_cache
+        self.text_cache: PooledCache | None = None  # see enable_text_cache
+        self.image_cache: PooledCache | None = None  # see enable_image_cache
         self.encode_chunk_size = CPU_ENCODE_CHUNK  # see encode_image; 0: one forward per batch
         self.encode_chunk_tokens = CPU_ENCODE_TEXT_TOKENS  # see encode_text; 0: one forward per length group
         self.lock_towers(image=config.image.locked, text=config.text.locked)
@@ -86,6 +113,8 @@ class DualEncoder(SavesPretrained, nn.Module):
         self.config.image.locked, self.config.text.locked = image, text
         if not text:
             self.text_cache = None
+        if not image:
+            self.image_cache = None  # an unlocked tower's output changes as it trains
         self.train(self.training)
 
     def enable_text_cache(self, max_entries: int = 200_000) -> None:
@@ -93,16 +122,14 @@ class DualEncoder(SavesPretrained, nn.Module):
         across steps, and a frozen tower gives the same output for them every time."""
         if not self.config.text.locked:
             raise ValueError("the text cache is only valid for a locked text tower")
-        self.text_cache = {}
-        self.text_cache_limit = max_entries
+        self.text_cache = PooledCache(max_entries)
 
     def enable_image_cache(self, max_entries: int = 500_000) -> None:
         """Memoise a locked image tower's pooled output per image (its uint8 pixels' digest): without
         augmentation every epoch shows the tower the same images, so each is computed once (LiT)."""
         if not self.config.image.locked:
             raise ValueError("the image cache is only valid for a locked image tower")
-        self.image_cache = {}
-        self.image_cache_limit = max_entries
+        self.image_cache = PooledCache(max_entries)
 
     def train(self, mode: bool = True) -> DualEncoder:
         super().train(mode)
@@ -121,7 +148,9 @@ class DualEncoder(SavesPretrained, nn.Module):
         any), computed with the activations in cache. In train mode BatchNorm needs the whole batch."""
         chunk = self.encode_chunk_size if self._chunks_pay(self.image_tower, images.device) else 0
         if self.image_cache is not None and images.dtype == torch.uint8:
-            pooled = self._cached_image_pooled(images, chunk)
+            keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
+            pooled = self.image_cache.pooled(keys, lambda rows: in_row_chunks(
+                self.image_tower.forward_pooled, chunk, images[rows]), images.device)  # (B, C)
         else:
             pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images)  # (B, C)
         features = self.image_proj(pooled)  # (B, D)
@@ -151,41 +180,12 @@ class DualEncoder(SavesPretrained, nn.Module):
         if self.text_cache is None:
             pooled = self.text_tower.forward_pooled(input_ids, attention_mask, chunk)  # (B, C)
         else:
-            pooled = self._cached_text_pooled(input_ids, attention_mask, chunk)
+            lengths = attention_mask.sum(1).tolist()
+            keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(input_ids, lengths)]
+            pooled = self.text_cache.pooled(keys, lambda rows: self.text_tower.forward_pooled(
+                input_ids[rows], attention_mask[rows], chunk), device)  # (B, C)
         features = self.text_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
-
-    @torch.no_grad()
-    def _cached_text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 0
-                            ) -> torch.Tensor:
-        lengths = attention_mask.sum(1).tolist()
-        keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(input_ids, lengths)]
-        new = [k for k in dict.fromkeys(keys) if k not in self.text_cache]
-        if new:
-            first: dict[bytes, int] = {}
-            for i, k in enumerate(keys):
-                first.setdefault(k, i)
-            rows = torch.tensor([first[k] for k in new])
-            pooled = self.text_tower.forward_pooled(input_ids[rows], attention_mask[rows], chunk_tokens)  # (U, C)
-            if len(self.text_cache) + len(new) > self.text_cache_limit:
-                self.text_cache.clear()
-            self.text_cache.update(zip(new, pooled))
-        return torch.stack([self.text_cache[k] for k in keys])  # (B, C)
-
-    @torch.no_grad()
-    def _cached_image_pooled(self, images: torch.Tensor, chunk: int) -> torch.Tensor:
-        keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
-        new = [k for k in dict.fromkeys(keys) if k not in self.image_cache]
-        if new:
-            first: dict[bytes, int] = {}
-            for i, k in enumerate(keys):
-                first.setdefault(k, i)
-            rows = torch.tensor([first[k] for k in new], device=images.device)
-            pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images[rows])  # (U, C)
-            if len(self.image_cache) + len(new) > self.image_cache_limit:
-                self.image_cache.clear()
-            self.image_cache.update(zip(new, pooled))
-        return torch.stack([self.image_cache[k] for k in keys])  # (B, C)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
