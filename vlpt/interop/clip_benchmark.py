@@ -7,8 +7,9 @@ writes into OUT the shapes test split (single-object scenes, 48 (color, shape) c
 image folder (``images/*.png`` + ``captions.csv`` with labels: ``data.dataset=files``) and as CLIP_benchmark's
 local webdataset (``wds/test/0.tar`` + ``classnames.txt``, the same PNG bytes), the model as an OpenCLIP
 folder (``open_clip/``), and the per-class prompts vlpt uses (``USER_TEMPLATES`` with their articles fixed:
-"an orange star", less those that are training captions) as a CLIP_benchmark ``--custom_template_file``; then runs ``vlpt eval`` on the model and
-``clip_benchmark eval`` on the export and prints both zero-shot accuracies. Needs ``pip install clip-benchmark``.
+"an orange star", less those that are training captions) as a CLIP_benchmark ``--custom_template_file``; then
+runs ``vlpt eval`` on the model and ``clip_benchmark eval`` on the export and prints both zero-shot accuracies.
+Needs ``pip install clip-benchmark``.
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ def compare(model_ref: str, out: str | Path, size: int = 1000, image_size: int =
     again = evaluate_model(imported, config, None, cache_dir=cache_dir)
     theirs = run_clip_benchmark(out / "open_clip", wds, out / "clip_benchmark.json", amp=amp)
     ties = near_ties(model, scenes.images, prompts)
-    return {"near_ties_top1": ties[1], "near_ties_top5": ties[5], "images": len(names), "classes": len(class_names), "vlpt": ours["zeroshot_top1"],
-            "vlpt_top5": ours["zeroshot_top5"], "vlpt_reimported": again["zeroshot_top1"],
-            "clip_benchmark": theirs["acc1"], "clip_benchmark_top5": theirs["acc5"], "amp": amp}
+    return {"near_ties_top1": ties[1], "near_ties_top5": ties[5], "images": len(names), "classes": len(class_names),
+            "vlpt": ours["zeroshot_top1"], "vlpt_top5": ours["zeroshot_top5"],
+            "vlpt_reimported": again["zeroshot_top1"], "clip_benchmark": theirs["acc1"],
+            "clip_benchmark_top5": theirs["acc5"], "amp": amp}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

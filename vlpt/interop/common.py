@@ -1,6 +1,7 @@
 """What the Hugging Face (CLIP, SigLIP) and OpenCLIP mappings share: a description of the vision
 transformer a vlpt image tower holds (and the tower config that builds one), q|k|v split and join, the
-activation names of each library, and the error for what a format cannot hold.
+renaming of transformer layers to and from transformers' encoder layers, the activation names of each
+library, the tokenizer files an export writes, and the error for what a format cannot hold.
 
 The towers themselves are built by their libraries (timm's VisionTransformer, transformers'
 CLIPTextModel / SiglipTextModel); only the renaming of tensors is vlpt's own.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,9 +21,10 @@ from vlpt.models.image_towers import ImageTower
 
 log = logging.getLogger(__name__)
 
-# vlpt.config.ACTIVATIONS <-> transformers' hidden_act. gelu_new is the tanh approximation written out (the
-# same function as gelu_pytorch_tanh, rounded differently).
-HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (and OpenCLIP's default) image normalisation
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# transformers' hidden_act -> vlpt.config.ACTIVATIONS (the inverse of vlpt.models.text_towers.HF_ACTIVATIONS).
+# gelu_new is the tanh approximation written out (the same function as gelu_pytorch_tanh, rounded differently).
 FROM_HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh",
                        "gelu_new": "gelu_tanh"}
 # PIL's resampling codes (transformers' preprocessor_config.json "resample") <-> vlpt.config.INTERPOLATIONS
@@ -48,6 +51,52 @@ def split_qkv(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, k, v], dim=0)  # (3C, ...)
+
+
+def layers_to_hf(state: dict[str, torch.Tensor], layers: int, block: str, qkv: str,
+                 names: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """The ``layers`` pre-norm transformer layers of ``state`` (``{block}{i}.``, their fused q|k|v at
+    ``{qkv}weight`` / ``{qkv}bias``, their other parts renamed by ``names``: (theirs, transformers') pairs) in
+    transformers' CLIP / SigLIP encoder layer names (``encoder.layers.{i}.``, q|k|v apart)."""
+    out = {}
+    for i in range(layers):
+        a, b = f"{block}{i}.", f"encoder.layers.{i}."
+        for param in ("weight", "bias"):
+            for x, part in zip("qkv", split_qkv(state[f"{a}{qkv}{param}"])):
+                out[f"{b}self_attn.{x}_proj.{param}"] = part
+            for theirs, hf_name in names:
+                out[f"{b}{hf_name}.{param}"] = state[f"{a}{theirs}.{param}"]
+    return out
+
+
+def layers_from_hf(hf: dict[str, torch.Tensor], layers: int, block: str, qkv: str,
+                   names: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """The inverse of ``layers_to_hf``."""
+    out = {}
+    for i in range(layers):
+        a, b = f"{block}{i}.", f"encoder.layers.{i}."
+        for param in ("weight", "bias"):
+            out[f"{a}{qkv}{param}"] = join_qkv(*(hf[f"{b}self_attn.{x}_proj.{param}"] for x in "qkv"))
+            for theirs, hf_name in names:
+                out[f"{a}{theirs}.{param}"] = hf[f"{b}{hf_name}.{param}"]
+    return out
+
+
+def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_tokenizer(model, out: Path) -> None:
+    """The model's tokenizer files into ``out``, with ``model_max_length`` its context length (so that
+    ``truncation=True`` stops there)."""
+    hf_tokenizer = model.tokenizer.hf
+    saved_max = hf_tokenizer.model_max_length
+    hf_tokenizer.model_max_length = model.config.text.context_length
+    try:
+        hf_tokenizer.save_pretrained(str(out))
+    finally:
+        hf_tokenizer.model_max_length = saved_max
 
 
 def mlp_ratio_for(width: int, mlp_width: int) -> float:

@@ -45,19 +45,22 @@ from transformers.utils import logging as hf_logging
 
 from vlpt.config import ModelConfig, TextTowerConfig
 from vlpt.interop.common import (
-    HF_ACTIVATIONS,
+    OPENAI_MEAN,
+    OPENAI_STD,
     PIL_RESAMPLE,
     NotRepresentable,
     VitSpec,
     check_pos_embed,
     from_hf_activation,
-    join_qkv,
-    split_qkv,
+    layers_from_hf,
+    layers_to_hf,
+    prefixed,
+    save_tokenizer,
     vit_spec,
 )
 from vlpt.io import ModelLoadError, atomic_directory
-from vlpt.models.dual_encoder import DualEncoder, load_matching_state
-from vlpt.models.text_towers import hf_config_dict
+from vlpt.models.dual_encoder import DualEncoder, _short, load_matching_state
+from vlpt.models.text_towers import HF_ACTIVATIONS, hf_config_dict
 from vlpt.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,12 +88,7 @@ def vision_to_timm(hf: dict[str, torch.Tensor], spec: VitSpec) -> dict[str, torc
         out["cls_token"] = hf["embeddings.class_embedding"].view(1, 1, -1)  # (C,) -> (1, 1, C)
     if spec.pre_norm:
         out["norm_pre.weight"], out["norm_pre.bias"] = hf["pre_layrnorm.weight"], hf["pre_layrnorm.bias"]
-    for i in range(spec.layers):
-        a, b = f"encoder.layers.{i}.", f"blocks.{i}."
-        for param in ("weight", "bias"):
-            out[f"{b}attn.qkv.{param}"] = join_qkv(*(hf[f"{a}self_attn.{x}_proj.{param}"] for x in "qkv"))
-            for ours, theirs in _LAYER:
-                out[f"{b}{ours}.{param}"] = hf[f"{a}{theirs}.{param}"]
+    out |= layers_from_hf(hf, spec.layers, "blocks.", "attn.qkv.", _LAYER)
     if spec.pool == "map":
         width = spec.width
         out["attn_pool.latent"] = hf["head.probe"]  # (1, 1, C)
@@ -113,13 +111,7 @@ def vision_from_timm(timm: dict[str, torch.Tensor], spec: VitSpec) -> dict[str, 
         out["embeddings.class_embedding"] = timm["cls_token"].reshape(-1)  # (1, 1, C) -> (C,)
     if spec.pre_norm:
         out["pre_layrnorm.weight"], out["pre_layrnorm.bias"] = timm["norm_pre.weight"], timm["norm_pre.bias"]
-    for i in range(spec.layers):
-        a, b = f"encoder.layers.{i}.", f"blocks.{i}."
-        for param in ("weight", "bias"):
-            for x, part in zip("qkv", split_qkv(timm[f"{b}attn.qkv.{param}"])):
-                out[f"{a}self_attn.{x}_proj.{param}"] = part
-            for ours, theirs in _LAYER:
-                out[f"{a}{theirs}.{param}"] = timm[f"{b}{ours}.{param}"]
+    out |= layers_to_hf(timm, spec.layers, "blocks.", "attn.qkv.", _LAYER)
     if spec.pool == "map":
         out["head.probe"] = timm["attn_pool.latent"]
         for param in ("weight", "bias"):
@@ -128,10 +120,6 @@ def vision_from_timm(timm: dict[str, torch.Tensor], spec: VitSpec) -> dict[str, 
             for ours, theirs in _MAP_HEAD:
                 out[f"{theirs}.{param}"] = timm[f"{ours}.{param}"]
     return out
-
-
-def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -152,8 +140,7 @@ def vision_spec(kind: str, vision) -> VitSpec:
 def preprocessing_from(processor, kind: str) -> dict:
     """vlpt's image preprocessing fields from a transformers image processor (None: the model's defaults)."""
     if processor is None:
-        mean, std = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)) if kind == "clip" \
-            else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        mean, std = (OPENAI_MEAN, OPENAI_STD) if kind == "clip" else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         log.warning("no image processor config (preprocessor_config.json): using %s's defaults", kind)
         return dict(mean=mean, std=std, interpolation="bicubic",
                     resize_mode="shortest" if kind == "clip" else "squash")
@@ -212,8 +199,8 @@ def from_hf_model(hf_model: CLIPModel | SiglipModel, tokenizer=None, processor=N
     spec = vision_spec(kind, hf_model.config.vision_config)
     check_pos_embed(state["vision_model.embeddings.position_embedding.weight"].shape[0], spec,
                     f"{kind} vision_model.embeddings.position_embedding")
-    ours = {f"image_tower.backbone.{k}": v for k, v in vision_to_timm(_prefixed(state, "vision_model."), spec).items()}
-    text = _prefixed(state, "text_model.")
+    ours = {f"image_tower.backbone.{k}": v for k, v in vision_to_timm(prefixed(state, "vision_model."), spec).items()}
+    text = prefixed(state, "text_model.")
     if kind == "siglip":
         ours["text_proj.weight"], ours["text_proj.bias"] = text.pop("head.weight"), text.pop("head.bias")
         ours["logit_bias"] = state["logit_bias"].reshape(())
@@ -312,11 +299,6 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 # ----------------------------------------------------------------------------- vlpt -> HF model
 
 def _check_text(model: DualEncoder, kind: str, target: str) -> None:
@@ -371,9 +353,9 @@ def to_hf_model(model: DualEncoder, kind: str) -> CLIPModel | SiglipModel:
         config = SiglipConfig(text_config=text, vision_config=vision)
     hf_model = KINDS[kind](config)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    out = {f"vision_model.{k}": v for k, v in vision_from_timm(_prefixed(state, "image_tower.backbone."),
+    out = {f"vision_model.{k}": v for k, v in vision_from_timm(prefixed(state, "image_tower.backbone."),
                                                                spec).items()}
-    out |= {f"text_model.{k}": v for k, v in _prefixed(state, "text_tower.encoder.").items()}
+    out |= {f"text_model.{k}": v for k, v in prefixed(state, "text_tower.encoder.").items()}
     if kind == "clip":
         out["visual_projection.weight"], out["text_projection.weight"] = state["image_proj.weight"], \
             state["text_proj.weight"]
@@ -414,13 +396,7 @@ def export_hf(model: DualEncoder, out: str | Path, kind: str) -> Path:
         hf_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if model.tokenizer is not None:
-            hf_tokenizer = model.tokenizer.hf
-            saved_max = hf_tokenizer.model_max_length
-            hf_tokenizer.model_max_length = model.config.text.context_length  # truncation=True stops there
-            try:
-                hf_tokenizer.save_pretrained(str(tmp))
-            finally:
-                hf_tokenizer.model_max_length = saved_max
+            save_tokenizer(model, tmp)
         else:
             log.warning("the model has no tokenizer: %s gets none (its users must bring token ids)", out)
     return Path(out)

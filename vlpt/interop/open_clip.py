@@ -38,18 +38,23 @@ from transformers import AutoTokenizer, CLIPTextConfig, SiglipTextConfig
 
 from vlpt.config import ModelConfig, TextTowerConfig
 from vlpt.interop.common import (
+    FROM_HF_ACTIVATIONS,
+    OPENAI_MEAN,
+    OPENAI_STD,
     NotRepresentable,
     VitSpec,
     check_pos_embed,
-    join_qkv,
+    layers_from_hf,
+    layers_to_hf,
     mlp_ratio_for,
-    split_qkv,
+    prefixed,
+    save_tokenizer,
     vit_spec,
 )
 from vlpt.io import ModelLoadError, atomic_directory
 from vlpt.models.dual_encoder import DualEncoder, load_matching_state
 from vlpt.models.image_towers import PRESETS
-from vlpt.models.text_towers import hf_config_dict
+from vlpt.models.text_towers import HF_ACTIVATIONS, hf_config_dict, special_token_ids
 from vlpt.tokenization import Tokenizer, clip_bpe_tokenizer, is_clip_bpe
 
 log = logging.getLogger(__name__)
@@ -60,8 +65,6 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
                 "model.pth")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenCLIP's default preprocessing
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # One text layer, OpenCLIP resblock name <- transformers' CLIPTextModel / SiglipTextModel name; q|k|v apart.
 _TEXT_LAYER = [("ln_1", "layer_norm1"), ("attn.out_proj", "self_attn.out_proj"), ("ln_2", "layer_norm2"),
                ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]
@@ -215,7 +218,7 @@ def text_config(model_cfg: dict, eos_token_id: int, pad_token_id: int, bos_token
     sizes = dict(vocab_size=t.get("vocab_size", 49408), hidden_size=width, num_hidden_layers=t.get("layers", 12),
                  num_attention_heads=t.get("heads", 8), intermediate_size=int(width * t.get("mlp_ratio", 4.0)),
                  max_position_embeddings=context, layer_norm_eps=_eps(t, "text_cfg"), attention_dropout=0.0,
-                 hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(activation, activation),
+                 hidden_act=HF_ACTIVATIONS[activation],
                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id)
     hf = CLIPTextConfig(**sizes) if causal else SiglipTextConfig(**sizes, projection_size=width)
     pool = {"argmax": "eos", "eos": "eos", "last": "last"}[t.get("pool_type", "argmax")]
@@ -300,14 +303,7 @@ def text_to_hf(oc: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tens
     out = {"embeddings.token_embedding.weight": oc["token_embedding.weight"],
            "embeddings.position_embedding.weight": oc["positional_embedding"],
            "final_layer_norm.weight": oc["ln_final.weight"], "final_layer_norm.bias": oc["ln_final.bias"]}
-    for i in range(layers):
-        a, b = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        for param in ("weight", "bias"):
-            for x, part in zip("qkv", split_qkv(oc[f"{a}attn.in_proj_{param}"])):
-                out[f"{b}self_attn.{x}_proj.{param}"] = part
-            for theirs, ours in _TEXT_LAYER:
-                out[f"{b}{ours}.{param}"] = oc[f"{a}{theirs}.{param}"]
-    return out
+    return out | layers_to_hf(oc, layers, "transformer.resblocks.", "attn.in_proj_", _TEXT_LAYER)
 
 
 def text_from_hf(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
@@ -315,13 +311,7 @@ def text_from_hf(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Te
     out = {"token_embedding.weight": hf["embeddings.token_embedding.weight"],
            "positional_embedding": hf["embeddings.position_embedding.weight"],
            "ln_final.weight": hf["final_layer_norm.weight"], "ln_final.bias": hf["final_layer_norm.bias"]}
-    for i in range(layers):
-        a, b = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        for param in ("weight", "bias"):
-            out[f"{a}attn.in_proj_{param}"] = join_qkv(*(hf[f"{b}self_attn.{x}_proj.{param}"] for x in "qkv"))
-            for theirs, ours in _TEXT_LAYER:
-                out[f"{a}{theirs}.{param}"] = hf[f"{b}{ours}.{param}"]
-    return out
+    return out | layers_from_hf(hf, layers, "transformer.resblocks.", "attn.in_proj_", _TEXT_LAYER)
 
 
 def vision_from_timm(timm_state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
@@ -332,18 +322,13 @@ def vision_from_timm(timm_state: dict[str, torch.Tensor], layers: int) -> dict[s
            "positional_embedding": timm_state["pos_embed"][0],  # (1, N, C) -> (N, C)
            "ln_pre.weight": timm_state["norm_pre.weight"], "ln_pre.bias": timm_state["norm_pre.bias"],
            "ln_post.weight": timm_state["norm.weight"], "ln_post.bias": timm_state["norm.bias"]}
-    names = [("norm1", "ln_1"), ("attn.qkv", "attn.in_proj"), ("attn.proj", "attn.out_proj"), ("norm2", "ln_2"),
-             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    names = [("norm1.", "ln_1."), ("attn.qkv.", "attn.in_proj_"), ("attn.proj.", "attn.out_proj."),
+             ("norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
     for i in range(layers):
         for ours, theirs in names:
             for param in ("weight", "bias"):
-                key = f"transformer.resblocks.{i}.{theirs}{'_' if theirs == 'attn.in_proj' else '.'}{param}"
-                out[key] = timm_state[f"blocks.{i}.{ours}.{param}"]
+                out[f"transformer.resblocks.{i}.{theirs}{param}"] = timm_state[f"blocks.{i}.{ours}{param}"]
     return out
-
-
-def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def state_from_peer(state: dict[str, torch.Tensor], model_cfg: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -357,10 +342,10 @@ def state_from_peer(state: dict[str, torch.Tensor], model_cfg: dict, config: Mod
         timm_state.pop("head.bias")  # zeros timm adds for its classifier head
         ours |= {f"image_tower.backbone.{k}": v for k, v in timm_state.items()}
     else:
-        ours |= {f"image_tower.backbone.{k}": v for k, v in _prefixed(state, "visual.trunk.").items()}
-        ours |= {f"image_proj.{k}": v for k, v in _prefixed(state, "visual.head.proj.").items()}
+        ours |= {f"image_tower.backbone.{k}": v for k, v in prefixed(state, "visual.trunk.").items()}
+        ours |= {f"image_proj.{k}": v for k, v in prefixed(state, "visual.head.proj.").items()}
     prefix = "text." if model_cfg.get("custom_text") else ""
-    text = _prefixed(state, prefix) if prefix else {k: v for k, v in state.items() if not k.startswith("visual.")}
+    text = prefixed(state, prefix) if prefix else {k: v for k, v in state.items() if not k.startswith("visual.")}
     ours |= {f"text_tower.encoder.{k}": v for k, v in text_to_hf(text, config.text.num_layers).items()}
     projection = text.get("text_projection")
     if projection is not None:
@@ -388,10 +373,8 @@ def tokenizer_for(model_cfg: dict, folder: Path | None, where: str):
             hf = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, KeyError, TypeError, ImportError) as err:
             raise ModelLoadError(f"{where}: its tokenizer ({source}) cannot be loaded ({_short(err)})") from err
-        eos = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
-        bos = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
-        pad = hf.pad_token_id
-        return hf, (eos if eos is not None else 2, pad if pad is not None else 0, bos if bos is not None else 0)
+        ids = special_token_ids(hf)
+        return hf, (ids.get("eos_token_id", 2), ids.get("pad_token_id", 0), ids.get("bos_token_id", 0))
     if t.get("vocab_size", 49408) != 49408:
         raise NotRepresentable(f"{where}: text_cfg.vocab_size {t.get('vocab_size')} without an hf_tokenizer_name; "
                                f"OpenCLIP's default tokenizer (OpenAI CLIP's BPE) has 49408 tokens")
@@ -405,11 +388,11 @@ def from_peer(peer, model_cfg: dict, preprocess_cfg: dict, folder: Path | None, 
     state = peer.state_dict()
     bias = float(state["logit_bias"].reshape(())) if state.get("logit_bias") is not None else None
     config = model_config_from(model_cfg, preprocess_cfg, ids, float(state["logit_scale"].reshape(())), bias)
-    if _timm_vision(model_cfg) is None:
+    timm_vision = _timm_vision(model_cfg)
+    if timm_vision is None:
         check_pos_embed(state["visual.positional_embedding"].shape[0], vision_spec(model_cfg),
                         f"{where}: visual.positional_embedding")
     model = DualEncoder(config, Tokenizer(hf_tokenizer, config.text.context_length), load_pretrained_weights=False)
-    timm_vision = _timm_vision(model_cfg)
     if timm_vision and timm_vision["proj"] == "linear" and \
             type(model.image_tower.backbone.norm) is not type(peer.visual.trunk.norm):  # noqa: E721
         raise NotRepresentable(f"OpenCLIP builds timm trunk {timm_vision['name']} with its default pooling and then "
@@ -503,7 +486,7 @@ def peer_config(model: DualEncoder, target: str = "OpenCLIP") -> tuple[dict, dic
             vision_cfg["act_kwargs"] = {"approximate": "tanh"}
     text = _text_spec(model, target)
     hf = text["hf"]
-    act_text = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(hf.hidden_act, hf.hidden_act)
+    act_text = FROM_HF_ACTIVATIONS.get(hf.hidden_act, hf.hidden_act)
     activations.add(act_text)
     quick_gelu = "quick_gelu" in activations
     if quick_gelu and len(activations) > 1:
@@ -556,14 +539,14 @@ def peer_state(model: DualEncoder, model_cfg: dict) -> dict[str, torch.Tensor]:
     """The vlpt model's tensors in OpenCLIP's names (the model ``model_cfg`` describes)."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-    backbone = _prefixed(state, "image_tower.backbone.")
+    backbone = prefixed(state, "image_tower.backbone.")
     if model_cfg["vision_cfg"].get("timm_model_name"):
         out |= {f"visual.trunk.{k}": v for k, v in backbone.items()}
-        out |= {f"visual.head.proj.{k}": v for k, v in _prefixed(state, "image_proj.").items()}
+        out |= {f"visual.head.proj.{k}": v for k, v in prefixed(state, "image_proj.").items()}
     else:
         out |= {f"visual.{k}": v for k, v in vision_from_timm(backbone, model_cfg["vision_cfg"]["layers"]).items()}
         out["visual.proj"] = state["image_proj.weight"].T  # Linear (E, C) -> x @ (C, E)
-    out |= text_from_hf(_prefixed(state, "text_tower.encoder."), model_cfg["text_cfg"]["layers"])
+    out |= text_from_hf(prefixed(state, "text_tower.encoder."), model_cfg["text_cfg"]["layers"])
     if "text_proj.bias" in state:
         out["text_projection.weight"], out["text_projection.bias"] = state["text_proj.weight"], state["text_proj.bias"]
     elif "text_proj.weight" in state:
@@ -587,11 +570,5 @@ def export_open_clip(model: DualEncoder, out: str | Path) -> Path:
                                                   indent=2))
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if not default_tokenizer:
-            hf_tokenizer = model.tokenizer.hf
-            saved_max = hf_tokenizer.model_max_length
-            hf_tokenizer.model_max_length = model.config.text.context_length
-            try:
-                hf_tokenizer.save_pretrained(str(tmp))
-            finally:
-                hf_tokenizer.model_max_length = saved_max
+            save_tokenizer(model, tmp)
     return out

@@ -22,8 +22,8 @@ from vlpt.config import TEXT_POOLS, TextTowerConfig
 from vlpt.tokenization import SPECIAL_TOKENS
 
 POOLS = TEXT_POOLS  # the names live in vlpt.config, which checks configs against them
-# vlpt.config.ACTIVATIONS -> the HF ``hidden_act`` name
 TEXT_MODELS = {"siglip_text_model": SiglipTextModel}  # HF model_type -> class, where AutoModel has none
+# vlpt.config.ACTIVATIONS -> the HF ``hidden_act`` name
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 LENGTH_GROUPS = 4  # forward_pooled: at most this many groups of similar caption length per batch
 MIN_GROUP_ROWS = 16  # ... each of at least this many texts, so every matmul stays large
