@@ -18,6 +18,7 @@ found by id (a request never names a path). CORS is off; the server binds 127.0.
 """
 
 import asyncio
+import base64
 import dataclasses
 import io
 import json
@@ -44,6 +45,7 @@ from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
 from vlpt.serve.batcher import Batcher
+from vlpt.serve.index import item_where
 from vlpt.serve.limits import Limits, LimitsMiddleware, RequestError, image_bytes, open_image, parse_limits
 from vlpt.serve.sources import Preprocessing
 
@@ -244,8 +246,6 @@ async def parse_body(request, model: type[BaseModel]) -> BaseModel:
             if isinstance(value, UploadFile):
                 value = await value.read()
             if key in ("image", "images") and isinstance(value, (bytes, bytearray)):
-                import base64
-
                 value = base64.b64encode(value).decode("ascii")
             if key in lists:
                 data.setdefault(key, []).append(value)
@@ -356,6 +356,8 @@ class Server:
                 raise ValueError(f"the model embeds in {self.dual.config.embed_dim} dimensions, the index holds "
                                  f"{self.index.manifest['embed_dim']}")
             self.dual_prep = Preprocessing.of(self.dual)
+            # /classify's temperature, fixed for a loaded model
+            self.logit_scale = float(self.dual.logit_scale.detach().clamp(0, self.dual.config.max_logit_scale).exp())
         if config.caption:
             self.captioner = load_captioner(config.caption).eval()
             self.caption_prep = Preprocessing.of(self.captioner.dual_encoder)
@@ -462,8 +464,7 @@ class Server:
     async def tensor(self, value, prep: Preprocessing, what: str = "image") -> torch.Tensor:
         """A request image (base64 or bytes) -> a model-ready tensor, decoded in a worker thread."""
         data = image_bytes(value, what)
-        img = await run_in_threadpool(open_image, data, self.limits, what)
-        return await run_in_threadpool(prep.from_pil, img)
+        return await run_in_threadpool(lambda: prep.from_pil(open_image(data, self.limits, what)))
 
     def result_rows(self, modality: str, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
         keep = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0]
@@ -474,21 +475,17 @@ class Server:
         results = []
         if modality == "image":
             for (score, item_id), row in zip(keep, rows):
-                path = f"{row['path']}:{row['key']}" if row.get("key") else row["path"]
-                results.append({"id": item_id, "score": score, "path": path, "caption": row["caption"],
+                results.append({"id": item_id, "score": score, "path": item_where(row), "caption": row["caption"],
                                 "label": row["label"], "image_id": item_id, "image_url": f"/items/{item_id}/image"})
         else:
-            image_ids = [row["image_id"] for row in rows]
+            image_ids = [i if i is not None and i >= 0 else None for i in (row["image_id"] for row in rows)]
+            known = [i for i in image_ids if i is not None]
             linked = {}
-            known = [i for i in image_ids if i is not None and i >= 0]
             if known and "image" in self.index.collections:
-                for i, r in zip(known, self.index.collections["image"].rows(known)):
-                    linked[i] = r
-            for (score, item_id), row in zip(keep, rows):
-                image_id = row["image_id"] if row["image_id"] is not None and row["image_id"] >= 0 else None
+                linked = dict(zip(known, self.index.collections["image"].rows(known)))
+            for (score, item_id), row, image_id in zip(keep, rows, image_ids):
                 image_row = linked.get(image_id)
-                path = None if image_row is None else (
-                    f"{image_row['path']}:{image_row['key']}" if image_row.get("key") else image_row["path"])
+                path = None if image_row is None else item_where(image_row)
                 results.append({"id": item_id, "score": score, "path": path, "caption": row["caption"],
                                 "label": None if image_row is None else image_row["label"], "image_id": image_id,
                                 "image_url": None if image_id is None else f"/items/{image_id}/image"})
@@ -496,16 +493,18 @@ class Server:
 
     def dedup(self, modality: str, scores: np.ndarray, ids: np.ndarray, k: int, threshold: float):
         collection = self.index.collections[modality]
-        kept_s, kept_i, kept_v = [], [], []
+        kept_s, kept_i = [], []
+        kept_v = np.empty((min(k, len(ids)), self.index.manifest["embed_dim"]), np.float32)  # filled, not re-stacked
         for s, i in zip(scores, ids):
             if i < 0:
                 continue
             v = collection.vector(int(i))
-            if kept_v and float(np.max(np.stack(kept_v) @ v)) >= threshold:
+            n = len(kept_i)
+            if n and float(np.max(kept_v[:n] @ v)) >= threshold:
                 continue
             kept_s.append(s)
             kept_i.append(i)
-            kept_v.append(v)
+            kept_v[n] = v
             if len(kept_i) == k:
                 break
         return np.array(kept_s, np.float32), np.array(kept_i, np.int64)
@@ -514,7 +513,7 @@ class Server:
     def item_file(self, item_id: int) -> tuple[bytes | Path, str]:
         """The image file of image item ``item_id``: (path or bytes, media type). Only files inside the item's
         source root (a folder source's folder, a shard of a shard source) are ever read."""
-        from vlpt.data.files import UnsafePathError, resolve_inside
+        from vlpt.data.files import resolve_inside
 
         collection = self.index.collections.get("image") if self.index else None
         if collection is None or not 0 <= item_id < collection.count:
@@ -525,7 +524,7 @@ class Server:
         if source["kind"] == "folder":
             try:
                 path = resolve_inside(root, row["path"], f"item {item_id}")
-            except (UnsafePathError, ValueError, FileNotFoundError, OSError):
+            except (ValueError, OSError):  # UnsafePathError is a ValueError, FileNotFoundError an OSError
                 raise RequestError(404, f"the file of item {item_id} is no longer available inside its root") from None
             kind = IMAGE_TYPES.get(path.suffix.lower())
             if kind is None or path.stat().st_size > MAX_SERVED_BYTES:
@@ -707,8 +706,7 @@ def create_app(config: ServeConfig, load: bool = True):
             req = await parse_body(request, ClassifyRequest)
             image = await server.batchers["image"].submit(await server.tensor(req.image, server.dual_prep))
             labels = await asyncio.gather(*(server.batchers["text"].submit(t) for t in req.labels))
-            scale = float(server.dual.logit_scale.detach().clamp(0, server.dual.config.max_logit_scale).exp())
-            logits = scale * (np.stack(labels) @ image)
+            logits = server.logit_scale * (np.stack(labels) @ image)
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
             order = np.argsort(-probs)

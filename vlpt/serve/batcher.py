@@ -7,7 +7,7 @@ grow with the number of concurrent requests and throughput with them; alone, a r
 ``max_wait``. ``max_batch=1`` turns batching off (one call per request), which bench/serving.py compares.
 
 ``fn`` may return an exception in place of a result: that request alone fails with it. An exception
-raised by ``fn`` fails the whole batch. Models that must not run at the same time share a ``lock``.
+raised by ``fn`` fails the whole batch.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ _STOP = object()
 
 class Batcher:
     def __init__(self, name: str, fn: Callable[[list], Sequence], max_batch: int = 32, max_wait: float = 0.002,
-                 lock: threading.Lock | None = None, on_batch: Callable[[str, int], None] | None = None):
+                 on_batch: Callable[[str, int], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait}")
         self.name, self.fn, self.max_batch, self.max_wait = name, fn, max_batch, max_wait
-        self.lock = lock
         self.on_batch = on_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"vlpt-batcher-{name}", daemon=True)
@@ -84,11 +83,7 @@ class Batcher:
     def _call(self, batch: list) -> None:
         items = [item for item, _, _ in batch]
         try:
-            if self.lock is not None:
-                with self.lock:
-                    results = list(self.fn(items))
-            else:
-                results = list(self.fn(items))
+            results = list(self.fn(items))
             if len(results) != len(items):
                 raise RuntimeError(f"batcher {self.name}: {len(results)} results for {len(items)} items")
         except Exception as err:  # noqa: BLE001 - handed to every waiting request

@@ -73,8 +73,8 @@ class Client:
                 body, message = None, content.decode(errors="replace")
             raise ClientError(err.code, message, body) from None
 
-    def post(self, path: str, body: dict):
-        return self.request("POST", path, {k: v for k, v in body.items() if v is not None})
+    def post(self, path: str, body: dict, raw: bool = False):
+        return self.request("POST", path, {k: v for k, v in body.items() if v is not None}, raw)
 
     # ------------------------------------------------------------------ search
     def search(self, text: str | None = None, image=None, embedding: Sequence[float] | None = None,
@@ -107,9 +107,7 @@ class Client:
 
     def generate(self, text: str, seed: int = 0, steps: int | None = None, guidance: float | None = None) -> bytes:
         """A PNG (bytes) drawn from ``text``."""
-        body = {k: v for k, v in {"text": text, "seed": seed, "steps": steps, "guidance": guidance}.items()
-                if v is not None}
-        return self.request("POST", "/generate", body, raw=True)
+        return self.post("/generate", {"text": text, "seed": seed, "steps": steps, "guidance": guidance}, raw=True)
 
     # ------------------------------------------------------------------ items and status
     def item(self, item_id: int, modality: str = "image") -> dict:

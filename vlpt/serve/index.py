@@ -23,6 +23,7 @@ retraining; the new chunk files are written beside the old ones).
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import datetime
 import hashlib
 import json
@@ -242,15 +243,14 @@ class Embedder:
             self.progress.update(len(tensors))
         return out
 
-    @torch.inference_mode()
     def texts(self, texts: list[str]) -> np.ndarray:
+        from vlpt.evaluate.scoring import embed_texts
+
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         if self.model.tokenizer is None:
             raise ValueError("this model has no tokenizer, so its texts cannot be embedded")
-        step = self.options.batch_size
-        return np.concatenate([self.model.encode_text(texts[i:i + step]).float().numpy()
-                               for i in range(0, len(texts), step)])
+        return embed_texts(self.model, texts, self.options.batch_size).numpy()
 
     def stream(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[list, np.ndarray]]:
         """(items, vectors) per model batch, from (item, tensor) pairs (tensor None: skipped)."""
@@ -590,17 +590,9 @@ def build_index(model_spec: str | Path, source_spec: str | Path, out: str | Path
     manifest = _merge(out, source, identity, manifest, options, embedder.precision)
     if not options.keep_parts:
         shutil.rmtree(out / PARTS_DIR / source.key, ignore_errors=True)
-        with _suppress_oserror():
+        with contextlib.suppress(OSError):
             (out / PARTS_DIR).rmdir()  # only when empty
     return IndexResult(out, manifest, computed, reused)
-
-
-class _suppress_oserror:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, OSError)
 
 
 def _source_fingerprint(source: Source) -> str:
@@ -647,7 +639,7 @@ def _merge(out: Path, source: Source, identity: dict, manifest: dict | None, opt
         keep = dup_of < 0
         new_id = np.cumsum(keep) - 1 + counts_before["image"]
         image_ids = np.where(keep, new_id, dup_of)  # a dropped image's captions point at the image it duplicates
-        duplicates = [{"where": _where(images[r]), "duplicate_of": int(dup_of[r])} for r in np.nonzero(~keep)[0]]
+        duplicates = [{"where": item_where(images[r]), "duplicate_of": int(dup_of[r])} for r in np.nonzero(~keep)[0]]
         images = [row for row, k in zip(images, keep) if k]
         image_vectors = image_vectors[keep]
     elif options.dedup is not None and len(texts) and source.kind == "text":
@@ -735,7 +727,8 @@ def _merge(out: Path, source: Source, identity: dict, manifest: dict | None, opt
     return result
 
 
-def _where(row: dict) -> str:
+def item_where(row: dict) -> str:
+    """An image row's place in its source: its path, or ``shard.tar:KEY`` for a shard sample."""
     return f"{row['path']}:{row['key']}" if row.get("key") else row["path"]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 from PIL import Image
 
-from vlpt.data.files import check_image_size
+from vlpt.data.files import as_rgb, check_image_size
 from vlpt.io import ImageLoadError
 
 SECURITY_HEADERS = [
@@ -89,8 +89,8 @@ class BodyTooLarge(RequestError):
         super().__init__(413, f"request body over the limit of {limit:,} bytes (max_body_bytes)")
 
 
-def json_error(status: int, message: str, extra: dict | None = None) -> bytes:
-    return json.dumps({"error": message, "status": status, **(extra or {})}).encode()
+def json_error(status: int, message: str) -> bytes:
+    return json.dumps({"error": message, "status": status}).encode()
 
 
 async def send_json_error(send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -220,11 +220,7 @@ def open_image(data: bytes, limits: Limits, what: str = "image") -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
+            return as_rgb(img)
     except Exception as err:  # noqa: BLE001 - truncated data: OSError, SyntaxError, ValueError, ...
         raise RequestError(422, f"{what}: truncated or corrupt image data ({type(err).__name__})") from None
     finally:

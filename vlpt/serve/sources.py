@@ -144,12 +144,7 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _text_source(location: str, path: Path, part_size: int) -> Source:
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise CaptionsFileError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    content = data_files._decode_utf8(path)  # a BOM allowed; CaptionsFileError naming the line otherwise
     lines = [(n, " ".join(t.split())) for n, t in enumerate(content.splitlines(), start=1) if t.strip()]
     if not lines:
         raise CaptionsFileError(f"{path}: no captions (expected one caption per line)")
@@ -254,7 +249,8 @@ class Preprocessing:
 
     def from_pil(self, img: Image.Image) -> torch.Tensor:
         """(S, S, 3) uint8 or (3, S, S) float, ready to stack into a batch."""
-        img = as_rgb(img)
+        if img.mode != "RGB":  # as_rgb copies even an RGB image; request images and load_image's are RGB already
+            img = as_rgb(img)
         if self.uint8:
             if img.size == (self.image_size, self.image_size):
                 return torch.from_numpy(np.array(img, np.uint8))
