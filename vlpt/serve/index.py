@@ -270,12 +270,15 @@ class Embedder:
         images, vectors, failures, texts = [], [], [], []
         if source.kind == "folder":
             def decode(item):
-                tensor, problem = _try_decode(decode_file, item.path, self.prep)
-                if problem:
-                    failures.append({"where": item.ref, "reason": problem})
-                return item, tensor
-            ahead = 2 * self.options.batch_size
-            for items, vecs in self.stream(_ordered_map(self.pool, decode, source.parts[i], ahead)):
+                return item, *_try_decode(decode_file, item.path, self.prep)
+
+            def decoded():  # failures listed here, in file order (worker threads finish in any order)
+                ahead = 2 * self.options.batch_size
+                for item, tensor, problem in _ordered_map(self.pool, decode, source.parts[i], ahead):
+                    if problem:
+                        failures.append({"where": item.ref, "reason": problem})
+                    yield item, tensor
+            for items, vecs in self.stream(decoded()):
                 vectors.append(vecs)
                 images += [{"path": it.ref, "key": None, "member": None, "row": it.row, "captions": it.captions,
                             "label": it.label} for it in items]
