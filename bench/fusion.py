@@ -1,12 +1,16 @@
-"""Issue 3: fusion methods compared on VQA and image-text matching, and zero-shot vs linear probe vs
-full fine-tuning for classification, on the shapes world and the real digits.
+"""Issues 3 and 24: fusion methods compared on VQA and image-text matching, and zero-shot vs linear probe
+vs full fine-tuning for classification, on the shapes world and the real digits.
 
 Every fusion row gets the same budget (the `finetune` config: steps, batch, lr, seed) from the same
-pre-trained run. Pre-trained runs are made here (tiny-shapes, lit-digits) unless given.
+pre-trained run. VQA rows are reported per question type, in training and held-out wording
+(`vqa_<method>_<type>[_heldout_wording]`) and on scenes with held-out (color, shape) pairs
+(`vqa_<method>_<type>_compositional`), next to two blind baselines trained the same way with the cross
+fusion: the image replaced by a constant (`vqa_question_only_<type>`) and the question replaced by a
+constant (`vqa_image_only_<type>`). Pre-trained runs are made here (tiny-shapes, lit-digits) unless given.
 
-    .venv/bin/python bench/fusion.py [--shapes-run RUN] [--digits-run RUN] [--steps N] [--quick]
+    .venv/bin/python bench/fusion.py [--shapes-run RUN] [--digits-run RUN] [--steps N] [--sections vqa ...] [--quick]
 
-Writes bench/results/fusion.json (flat keys, fractions in [0, 1]) and prints two tables.
+Writes bench/results/fusion.json (flat keys, fractions in [0, 1]) and prints the tables.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from vlpt.tasks.finetune import finetune_config
 from vlpt.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("vqa", "match", "classify")
+BASELINES = ("question_only", "image_only")  # finetune.inputs of the blind baselines (cross fusion)
+VQA_COLUMNS = (*QUESTION_TYPES, "overall")
 
 
 def pretrained(name: str, config: str, runs: Path, overrides: list[str]) -> Path:
@@ -40,9 +47,9 @@ def pretrained(name: str, config: str, runs: Path, overrides: list[str]) -> Path
 
 
 def finetune(task: str, fusion: str | None, source: Path, runs: Path, overrides: list[str],
-             freeze: bool = False) -> tuple[dict, float]:
+             freeze: bool = False, name: str | None = None) -> tuple[dict, float]:
     config = apply_overrides(finetune_config(load_config("finetune"), task, fusion, source, freeze), overrides)
-    name = f"{source.name}-{task}-{fusion or ('probe' if freeze else 'full')}"
+    name = f"{source.name}-{task}-{name or fusion or ('probe' if freeze else 'full')}"
     start = time.perf_counter()
     metrics = run(config, runs / name, overwrite=True, cache_dir=default_cache_dir())
     return metrics, time.perf_counter() - start
@@ -58,8 +65,8 @@ def main() -> None:
     parser.add_argument("--classify-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, figures meaningless")
-    parser.add_argument("--sections", nargs="+", choices=("fusion", "classify"), default=["fusion", "classify"],
-                        help="re-run only these; the other section's figures are kept from the last results file")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="re-run only these; the other sections' figures are kept from the last results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = args.runs_dir
@@ -68,8 +75,10 @@ def main() -> None:
     pre_quick = ["train.steps=3", "data.train_size=256", "eval.zero_shot_size=64", "eval.compositional_size=32",
                  "eval.retrieval_size=32", "eval.probe_train_size=64", "train.eval_every=0"] if args.quick else []
     shapes_run = args.shapes_run or pretrained("pre-shapes" + "-quick" * args.quick, "tiny-shapes", runs, pre_quick)
-    digits_run = args.digits_run or pretrained("pre-digits" + "-quick" * args.quick, "lit-digits", runs,
-                                               ["train.steps=3"] if args.quick else [])
+    digits_run = None
+    if "classify" in args.sections:
+        digits_run = args.digits_run or pretrained("pre-digits" + "-quick" * args.quick, "lit-digits", runs,
+                                                   ["train.steps=3"] if args.quick else [])
     steps = [f"train.steps={args.steps}"] if args.steps else []
     budget = quick or steps
     match_budget = quick or [f"train.steps={args.match_steps}"]
@@ -78,20 +87,24 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     figures: dict[str, float] = {}
     seconds: dict[str, float] = {}
-    if set(args.sections) != {"fusion", "classify"} and previous.exists():
+    if set(args.sections) != set(SECTIONS) and previous.exists():
         kept = json.loads(previous.read_text())
         figures = {k: v for k, v in kept.items() if k not in ("config", "machine") and not k.startswith("seconds_")}
         seconds = {k.removeprefix("seconds_"): v for k, v in kept.items() if k.startswith("seconds_")}
-    for fusion in FUSION_METHODS if "fusion" in args.sections else ():
-        vqa, seconds[f"vqa_{fusion}"] = finetune("vqa", fusion, shapes_run, runs, budget)
-        for t in (*QUESTION_TYPES, "overall"):
-            figures[f"vqa_{fusion}_{t}"] = vqa[f"vqa_{t}"]
+    vqa_rows = [(f, f, []) for f in FUSION_METHODS] + [(b, "cross", [f"finetune.inputs={b}"]) for b in BASELINES]
+    for row, fusion, inputs in vqa_rows if "vqa" in args.sections else ():
+        vqa, seconds[f"vqa_{row}"] = finetune("vqa", fusion, shapes_run, runs, budget + inputs, name=row)
+        for t in VQA_COLUMNS:
+            figures[f"vqa_{row}_{t}"] = vqa[f"vqa_{t}"]
+            figures[f"vqa_{row}_{t}_heldout_wording"] = vqa[f"vqa_{t}_heldout_wording"]
+            figures[f"vqa_{row}_{t}_compositional"] = vqa[f"vqa_compositional_{t}"]
+    for fusion in FUSION_METHODS if "match" in args.sections else ():
         match, seconds[f"match_{fusion}"] = finetune("match", fusion, shapes_run, runs, match_budget)
         for kind in ("swapped", "hard", "random"):
             figures[f"match_{fusion}_{kind}"] = match[f"match_accuracy_{kind}"]
-    # The headline matching figures are the cross-attention model's (the method vlpt recommends).
-    figures["match_accuracy_swapped"] = figures["match_cross_swapped"]
-    figures["match_accuracy_hard"] = figures["match_cross_hard"]
+    if "match_cross_swapped" in figures:  # the headline matching figures: the cross-attention model's
+        figures["match_accuracy_swapped"] = figures["match_cross_swapped"]
+        figures["match_accuracy_hard"] = figures["match_cross_hard"]
 
     classify_budget = quick or [f"train.steps={args.classify_steps}", "train.batch_size=128", "train.lr=0.001"]
     for data, source in (("shapes", shapes_run), ("digits", digits_run)) if "classify" in args.sections else ():
@@ -103,16 +116,19 @@ def main() -> None:
         figures[f"linear_probe_{data}_top1"] = probe["classify_top1"]
         figures[f"finetune_{data}_top1"] = full["classify_top1"]
 
-    print_table("VQA accuracy by question type (rows: fusion)", {
-        f: " ".join(f"{t[:5]}={figures[f'vqa_{f}_{t}']:.3f}" for t in (*QUESTION_TYPES, "overall"))
-        for f in FUSION_METHODS})
+    rows = [*FUSION_METHODS, *BASELINES]
+    for title, suffix in (("", ""), (", held-out wording", "_heldout_wording"),
+                          (", scenes with held-out pairs", "_compositional")):
+        print_table(f"VQA accuracy by question type{title} (rows: fusion; blind baselines use cross)", {
+            r: " ".join(f"{t[:5]}={figures[f'vqa_{r}_{t}{suffix}']:.3f}" for t in VQA_COLUMNS)
+            for r in rows if f"vqa_{r}_overall{suffix}" in figures})
     print_table("image-text matching accuracy (rows: fusion)", {
         f: " ".join(f"{k}={figures[f'match_{f}_{k}']:.3f}" for k in ("swapped", "hard", "random"))
-        for f in FUSION_METHODS})
+        for f in FUSION_METHODS if f"match_{f}_swapped" in figures})
     figures |= {f"seconds_{k}": v for k, v in seconds.items()}
     config = {"finetune_config": "finetune", "vqa_overrides": budget, "match_overrides": match_budget,
               "classify_overrides": classify_budget,
-              "shapes_run": str(shapes_run), "digits_run": str(digits_run), "quick": args.quick,
+              "shapes_run": str(shapes_run), "digits_run": digits_run and str(digits_run), "quick": args.quick,
               "threads": args.threads, "sections_rerun": args.sections}
     write_results(name, figures, config)
 

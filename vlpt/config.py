@@ -56,7 +56,8 @@ FINETUNE_TASKS = ("classify", "match", "vqa")  # vlpt.tasks.finetune (train.task
 PAIRWISE_NEGATIVES = ("random", "hard")  # vlpt.losses.pairwise_loss
 NONFINITE_ACTIONS = ("stop", "skip")  # vlpt.train.trainer.Trainer
 REPORT_SINKS = ("jsonl", "tensorboard")  # vlpt.train.trainer.Trainer: where training rows go
-FUSION_METHODS = ("concat", "sum", "gated", "cross")
+FUSION_METHODS = ("concat", "sum", "gated", "cross", "relation")
+FINETUNE_INPUTS = ("both", "question_only", "image_only")  # vlpt.models.task_model: blind baselines
 INIT_HEADS = ("zero_shot", "random")  # vlpt.train.finetune
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")  # those both DDPM and DDIM (diffusers) know
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -267,7 +268,7 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    fusion: str = checked("cross", one_of(FUSION_METHODS))  # concat | sum | gated | cross; match and vqa only (classify reads the image embedding)
+    fusion: str = checked("cross", one_of(FUSION_METHODS))  # concat | sum | gated | cross | relation; match and vqa only (classify reads the image embedding)
     from_run: str | None = checked(None, non_blank)  # pre-trained run or model folder; None: towers from scratch (model section)
     freeze_towers: bool = False  # train only fusion + head (with a linear head: the linear probe)
     head_hidden: int | None = checked(None, at_least(1))  # classify: hidden width of an MLP head; None: linear
@@ -277,6 +278,9 @@ class FinetuneConfig:
     cross_width: int = checked(128, at_least(1))  # cross fusion: Transformer width
     cross_layers: int = checked(2, at_least(1))  # cross fusion: blocks of (self-attention, cross-attention, MLP)
     cross_heads: int = checked(4, at_least(1))  # must divide cross_width
+    cross_where: bool = True  # cross fusion: each cross-attention head also reads the (row, column) it attended to
+    question_noise: float = checked(0.5, between(0, 1))  # vqa: odds a training question gets 1-3 nonsense words (robust to unseen wording)
+    inputs: str = checked("both", one_of(FINETUNE_INPUTS))  # match / vqa: both | question_only | image_only (blind baselines)
 
 
 @dataclass

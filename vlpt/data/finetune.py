@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from vlpt.data import shapes
-from vlpt.data.pairs import epoch_batch, random_shift, step_generator, token_rows
+from vlpt.data.pairs import epoch_batch, nonsense_words, random_shift, step_generator, token_rows
 from vlpt.tokenization import Tokenizer
 
 
@@ -35,35 +35,61 @@ class ClassifyBatches:
         return {"images": images, "labels": self.labels[index]}
 
 
-def flatten_questions(scenes: Sequence[shapes.Scene]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Every question of every scene: (questions, owning scene, answer index, question-type index)."""
+WORDINGS = ("train", "heldout")  # Question.question, Question.heldout
+
+
+def flatten_questions(scenes: Sequence[shapes.Scene], wording: str = "train"
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Every question of every scene: (questions, owning scene, answer index, question-type index);
+    ``wording`` "heldout" gives each question in its held-out wording (test sets only)."""
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown question wording {wording!r}; choose from {', '.join(WORDINGS)}")
     questions, owner, answers, types = [], [], [], []
     for i, scene in enumerate(scenes):
         for q in scene.questions:
-            questions.append(q.question)
+            questions.append(q.question if wording == "train" else q.heldout)
             owner.append(i)
             answers.append(shapes.ANSWERS.index(q.answer))
             types.append(shapes.QUESTION_TYPES.index(q.type))
-    return questions, np.array(owner), np.array(answers), np.array(types)
+    return questions, np.array(owner, np.int64), np.array(answers, np.int64), np.array(types, np.int64)
+
+
+def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
+    """Row indices with every question type present equally often: each type's rows repeated up to the
+    largest type's count (``oversample``, for training) or cut to the first rows of the smallest (test)."""
+    groups = [np.flatnonzero(types == t) for t in np.unique(types)]
+    size = max(map(len, groups)) if oversample else min(map(len, groups))
+    return np.sort(np.concatenate([np.resize(g, size) for g in groups]))
 
 
 class QuestionBatches:
-    """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; an epoch visits every
-    question of every scene once."""
+    """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; question types are balanced
+    (rarer types repeated) and an epoch visits every balanced row once. With ``noise`` > 0 that fraction of
+    the questions come with 1-3 nonsense words inserted (``nonsense_words``), so the model learns to answer
+    from the words that matter and wording it has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, noise: float = 0.0):
         questions, owner, answers, types = flatten_questions(scenes)
-        _check_size(batch_size, len(questions), "questions")
+        rows = torch.from_numpy(balanced_rows(types, oversample=True))
+        _check_size(batch_size, len(rows), "questions")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.owner, self.answers, self.types = (torch.from_numpy(a) for a in (owner, answers, types))
+        self.rows, self.count, self.noise = rows, len(questions), noise
+        if noise > 0:  # every question's noisy twin, tokenized once, rows after the clean ones
+            rng = np.random.default_rng([seed, 4242])
+            questions = questions + [nonsense_words(q, rng) for q in questions]
         tokens = tokenizer(questions)
         self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
         self.batch_size, self.seed = batch_size, seed
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        rows = epoch_batch(len(self.owner), self.batch_size, self.seed, step)
-        return {"images": self.images[self.owner[rows]], **token_rows(self.input_ids, self.lengths, rows),
+        rows = self.rows[epoch_batch(len(self.rows), self.batch_size, self.seed, step)]
+        text_rows = rows
+        if self.noise > 0:
+            noisy = torch.rand(len(rows), generator=step_generator(self.seed, step)) < self.noise
+            text_rows = torch.where(noisy, rows + self.count, rows)
+        return {"images": self.images[self.owner[rows]], **token_rows(self.input_ids, self.lengths, text_rows),
                 "labels": self.answers[rows], "types": self.types[rows]}
 
 

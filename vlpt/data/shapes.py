@@ -66,9 +66,41 @@ SIZE_SYNONYMS = {"small": ("small", "little"), "large": ("large", "big")}
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 
 ANSWERS = tuple(
-    list(COLOR_NAMES) + list(SHAPES) + ["0", "1", "2", "3"] + ["yes", "no"] + list(SIZES)
+    list(COLOR_NAMES) + list(SHAPES) + ["0", "1", "2", "3"] + ["yes", "no"] + list(SIZES) + list(POSITIONS)
 )
-QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation")
+QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation", "position")
+
+# How each kind of question is worded: (training templates, held-out templates). Training questions use the
+# first tuple; every question also carries the same question in held-out wording (``Question.heldout``), a
+# frame no training question uses, so the test set measures wording never seen in fine-tuning.
+# Slots: {shape}, {color}, {object} ("red circle"), {a} / {b} (objects), {relation}, {place} ("in the top left").
+QUESTION_WORDING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "color": (("what color is the {shape}?", "what is the color of the {shape}?", "the {shape} is what color?",
+               "tell me the color of the {shape}."),
+              ("which colour does the {shape} have?",)),
+    "shape": (("what shape is the {color} object?", "what is the shape of the {color} object?",
+               "the {color} object is what shape?", "tell me the shape of the {color} object."),
+              ("which shape does the {color} thing have?",)),
+    "count": (("how many shapes are there?", "how many objects are in the picture?", "count the shapes.",
+               "give the number of shapes."),
+              ("what is the number of shapes?",)),
+    "count_color": (("how many {color} shapes are there?", "how many {color} objects are in the picture?",
+                     "count the {color} shapes.", "give the number of {color} shapes."),
+                    ("what is the number of {color} shapes?",)),
+    "existence": (("is there a {object}?", "is there a {object} in the picture?", "does the picture show a {object}?",
+                   "do you see a {object}?"),
+                  ("can you spot a {object} here?",)),
+    "size": (("what size is the {object}?", "is the {object} small or large?", "how large is the {object}?"),
+             ("how big does the {object} look?",)),
+    "relation": (("is the {a} {relation} the {b}?", "is the {a} placed {relation} the {b}?",
+                  "is the {a} located {relation} the {b}?"),
+                 ("would you say the {a} sits {relation} the {b}?",)),
+    "where": (("where is the {object}?", "in which part of the picture is the {object}?",
+               "which cell holds the {object}?", "where in the picture is the {object}?"),
+              ("where can the {object} be found?",)),
+    "at": (("is the {object} {place}?", "is the {object} located {place}?", "is the {object} placed {place}?"),
+           ("can the {object} be seen {place}?",)),
+}
 
 CACHE_VERSION = 6
 
@@ -106,9 +138,10 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Question:
-    question: str
+    question: str  # training wording
     answer: str
-    type: str
+    type: str  # one of QUESTION_TYPES
+    heldout: str = ""  # the same question in held-out wording (QUESTION_WORDING), never used in training
 
 
 @dataclass
@@ -317,8 +350,16 @@ def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int) -> 
 
 # ----------------------------------------------------------------------------- questions
 
+def _question(kind: str, answer: str, type: str, rng: np.random.Generator, **slots: str) -> Question:
+    """A question of ``kind`` in a random training wording, and the same question in held-out wording."""
+    train, heldout = QUESTION_WORDING[kind]
+    t, h = int(rng.integers(len(train))), int(rng.integers(len(heldout)))  # both drawn: one stream for both
+    return Question(train[t].format(**slots), answer, type, heldout[h].format(**slots))
+
+
 def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
-    """One question of each type the scene allows, answers from the closed vocabulary ANSWERS."""
+    """One question of each type the scene allows, answers from the closed vocabulary ANSWERS. Yes / no
+    questions are true half the time; no question names a held-out (color, shape) pair or (shape, cell) place."""
     objs = scene.objects
     qs: list[Question] = []
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
@@ -327,23 +368,23 @@ def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
     unique_shape = [o for o in objs if shape_counts[o.shape] == 1]
     if unique_shape:
         o = unique_shape[int(rng.integers(len(unique_shape)))]
-        qs.append(Question(f"what color is the {o.shape}?", o.color, "color"))
+        qs.append(_question("color", o.color, "color", rng, shape=o.shape))
     unique_color = [o for o in objs if color_counts[o.color] == 1]
     if unique_color:
         o = unique_color[int(rng.integers(len(unique_color)))]
-        qs.append(Question(f"what shape is the {o.color} object?", o.shape, "shape"))
+        qs.append(_question("shape", o.shape, "shape", rng, color=o.color))
 
     if rng.random() < 0.5:
-        qs.append(Question("how many shapes are there?", str(len(objs)), "count"))
+        qs.append(_question("count", str(len(objs)), "count", rng))
     else:
         color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
         if rng.random() < 0.5:  # ask about a color that is present half the time
             color = objs[int(rng.integers(len(objs)))].color
-        qs.append(Question(f"how many {color} shapes are there?", str(color_counts[color]), "count"))
+        qs.append(_question("count_color", str(color_counts[color]), "count", rng, color=color))
 
     if rng.random() < 0.5:
         o = objs[int(rng.integers(len(objs)))]
-        qs.append(Question(f"is there a {o.color} {o.shape}?", "yes", "existence"))
+        qs.append(_question("existence", "yes", "existence", rng, object=f"{o.color} {o.shape}"))
     else:  # an absent pair, never a held-out one: no question may name the compositional split's pairs
         present = {(o.color, o.shape) for o in objs} | set(COMPOSITIONAL_PAIRS)
         while True:
@@ -351,19 +392,32 @@ def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             if (color, shape) not in present:
                 break
-        qs.append(Question(f"is there a {color} {shape}?", "no", "existence"))
+        qs.append(_question("existence", "no", "existence", rng, object=f"{color} {shape}"))
 
     unique_pair = [o for o in objs if sum((p.color, p.shape) == (o.color, o.shape) for p in objs) == 1]
     o = unique_pair[int(rng.integers(len(unique_pair)))] if unique_pair else objs[0]
-    qs.append(Question(f"what size is the {o.color} {o.shape}?", o.size, "size"))
+    if len({p.size for p in objs if (p.color, p.shape) == (o.color, o.shape)}) == 1:  # else the answer is ambiguous
+        qs.append(_question("size", o.size, "size", rng, object=f"{o.color} {o.shape}"))
 
     if len(unique_pair) >= 2:
         i, j = rng.choice(len(unique_pair), size=2, replace=False)
         a, b = unique_pair[int(i)], unique_pair[int(j)]
-        truth = relation(a, b)
-        asked = truth if rng.random() < 0.5 else _pick(rng, [r for r in RELATIONS if r != truth])
-        answer = "yes" if _holds(a, b, asked) else "no"
-        qs.append(Question(f"is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", answer, "relation"))
+        true = rng.random() < 0.5  # both lists are never empty: a and b stand in different cells
+        asked = _pick(rng, [r for r in RELATIONS if _holds(a, b, r) == true])
+        qs.append(_question("relation", "yes" if true else "no", "relation", rng,
+                            a=f"{a.color} {a.shape}", b=f"{b.color} {b.shape}", relation=asked))
+
+    if unique_pair:
+        o = unique_pair[int(rng.integers(len(unique_pair)))]
+        name = f"{o.color} {o.shape}"
+        if rng.random() < 0.5:  # "where is the red circle?" -> a cell name
+            qs.append(_question("where", POSITIONS[o.cell], "position", rng, object=name))
+        else:  # "is the red circle in the top left?" -> yes / no, half the time true
+            held_out_layout = set(LAYOUT_PAIRS)
+            others = [c for c in range(9) if c != o.cell and (o.shape, c) not in held_out_layout]
+            cell = o.cell if rng.random() < 0.5 else int(others[int(rng.integers(len(others)))])
+            qs.append(_question("at", "yes" if cell == o.cell else "no", "position", rng, object=name,
+                                place=POSITION_PHRASES[cell]))
     return qs
 
 

@@ -3,13 +3,16 @@ question type, and image-text matching against swapped, hard and random false ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from vlpt.data import shapes
-from vlpt.data.finetune import flatten_questions, signature_ids, swapped_captions
+from vlpt.data.finetune import balanced_rows, flatten_questions, signature_ids, swapped_captions
 from vlpt.evaluate.matching import matching_accuracy
-from vlpt.evaluate.report import EvalResult
+from vlpt.evaluate.report import EvalResult, plot_captions
 from vlpt.evaluate.vqa import vqa_accuracy
 from vlpt.evaluate.zero_shot import accuracy, confusion_matrix
 from vlpt.models.task_model import TaskModel
@@ -58,19 +61,58 @@ def evaluate_classifier(model: TaskModel, images: np.ndarray, labels: np.ndarray
                       model.config.outputs)
 
 
-def evaluate_vqa(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256
-                 ) -> dict[str, float]:
-    """Accuracy over every question of every scene, overall and per question type."""
+@dataclass
+class AnsweredQuestions:
+    """A VQA model's answers to the questions of some scenes (type-balanced rows, see ``balanced_rows``)."""
+    questions: list[str]
+    owner: np.ndarray  # (Q,) the scene (image) each question is about
+    predicted: np.ndarray  # (Q,) answer indices into shapes.ANSWERS
+    answers: np.ndarray  # (Q,) the truth
+    types: np.ndarray  # (Q,) indices into shapes.QUESTION_TYPES
+
+
+def answer_questions(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256,
+                     wording: str = "train") -> AnsweredQuestions:
+    """The model's answer to every question of the scenes, as many of each type (the rarest type's count),
+    in training or held-out ``wording``."""
     model.eval()
-    questions, owner, answers, types = flatten_questions(scenes)
+    questions, owner, answers, types = flatten_questions(scenes, wording)
+    rows = balanced_rows(types, oversample=False)
+    questions, owner, answers, types = [questions[i] for i in rows], owner[rows], answers[rows], types[rows]
     image_features = _encode_images(model, images, batch_size)
     text_features = _encode_texts(model, questions, batch_size)
     logits = pair_logits(model, image_features, text_features, torch.from_numpy(owner),
                          torch.arange(len(questions)), batch_size)
     predicted = np.array([shapes.ANSWERS.index(model.config.outputs[i]) for i in logits.argmax(-1).tolist()])
-    metrics = vqa_accuracy(predicted, answers, types, shapes.QUESTION_TYPES)
-    metrics["vqa_questions"] = len(questions)
-    return metrics
+    return AnsweredQuestions(questions, owner, predicted, answers, types)
+
+
+def vqa_metrics(answered: AnsweredQuestions, prefix: str = "vqa_", suffix: str = "") -> dict[str, float]:
+    """``<prefix><type><suffix>`` accuracies, ``<prefix>overall<suffix>`` and the question count."""
+    metrics = vqa_accuracy(answered.predicted, answered.answers, answered.types, shapes.QUESTION_TYPES, prefix)
+    metrics[f"{prefix}questions"] = len(answered.questions)
+    return {f"{key}{suffix}": value for key, value in metrics.items()}
+
+
+def evaluate_vqa(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256,
+                 wording: str = "train") -> dict[str, float]:
+    """Accuracy over the scenes' questions (type-balanced), overall and per question type."""
+    return vqa_metrics(answer_questions(model, images, scenes, batch_size, wording))
+
+
+def vqa_examples_figure(images: np.ndarray, answered: AnsweredQuestions, path: Path, count: int = 12,
+                        failures: int = 4) -> Path:
+    """Position and relation questions first: test scenes with the question, the model's answer and the
+    truth, framed green or red; up to ``failures`` of the ``count`` are wrong answers, when there are any."""
+    spatial = np.isin(answered.types, [shapes.QUESTION_TYPES.index(t) for t in ("position", "relation")])
+    right = answered.predicted == answered.answers
+    wrong_rows = np.flatnonzero(~right & spatial)[:failures]
+    right_rows = np.flatnonzero(right & spatial)[:count - len(wrong_rows)]
+    rows = np.concatenate([right_rows, wrong_rows]).astype(int)
+    texts = [(answered.questions[i], shapes.ANSWERS[answered.predicted[i]], shapes.ANSWERS[answered.answers[i]])
+             for i in rows]
+    return plot_captions([images[answered.owner[i]] for i in rows], texts, path, correct=right[rows].tolist(),
+                         labels=("Q", "model", "truth"))
 
 
 def evaluate_matching(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256

@@ -7,11 +7,15 @@ Every method has one interface, chosen by name with ``create_fusion(FusionConfig
 - concat: [e_I, e_T]                                  (out_dim 2D)
 - sum:    e_I + e_T                                   (out_dim D)
 - gated:  σ(W_a [e_I, e_T]) · e_I + σ(W_b [e_I, e_T]) · e_T, vector gates   (out_dim D)
-- cross:  ALBEF-style: text tokens self-attend and cross-attend to image tokens (out_dim cross_width)
+- cross:  ALBEF-style: text tokens self-attend and cross-attend to image tokens, which carry their grid
+          position; each head also reads out where it looked (out_dim cross_width)
+- relation: a relation network: an MLP scores every pair of image tokens (with their grid positions)
+          given the question; the mean over pairs goes through a second MLP (out_dim cross_width)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,8 @@ class FusionConfig:
     cross_width: int = 128  # width of the cross-attention Transformer, and its out_dim
     cross_layers: int = 2  # blocks of (self-attention, cross-attention, MLP)
     cross_heads: int = 4  # attention heads; must divide cross_width
+    cross_where: bool = True  # cross only, with image_tokens: each cross-attention head adds where it looked
+    relation_width: int = 256  # relation only: width of the pair MLP g (its out_dim is cross_width)
     dropout: float = 0.0  # on the fused vector, and inside the cross-attention blocks
 
 
@@ -44,6 +50,8 @@ def create_fusion(config: FusionConfig) -> nn.Module:
         return GatedFusion(config)
     if config.method == "cross":
         return CrossAttentionFusion(config)
+    if config.method == "relation":
+        return RelationFusion(config)
     raise ValueError(f"unknown fusion method {config.method!r}; choose from {', '.join(FUSION_METHODS)}")
 
 
@@ -97,10 +105,42 @@ class GatedFusion(nn.Module):
 
 # ----------------------------------------------------------------------------- cross-attention (ALBEF)
 
-class Attention(nn.Module):
-    """Multi-head attention of queries x over a context (x itself for self-attention)."""
+def grid_positions(num_tokens: int, width: int) -> torch.Tensor:
+    """(1, N, W) position codes: 2-D sine-cosine of (row, column) when N is a square (half the channels
+    each, as in MAE), else 1-D over the token index; unit RMS."""
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens and width % 4 == 0:
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        code = torch.cat([_sincos(rows.flatten(), width // 2), _sincos(cols.flatten(), width // 2)], dim=1)
+    else:
+        code = _sincos(torch.arange(num_tokens), width)
+    return (code / code.pow(2).mean().sqrt())[None]
 
-    def __init__(self, width: int, num_heads: int, dropout: float = 0.0):
+
+def grid_coords(num_tokens: int) -> torch.Tensor:
+    """(N, 2) (row, column) of each token in [-1, 1]: a square grid, else (index, 0) along one line."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        return torch.stack([torch.linspace(-1, 1, num_tokens), torch.zeros(num_tokens)], dim=1)
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1)
+
+
+def _sincos(position: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, width) sine and cosine of ``position`` at ``width // 2`` frequencies (Transformer style)."""
+    half = width // 2
+    frequency = 1.0 / 100.0 ** (torch.arange(half, dtype=torch.float32) / max(half, 1))
+    angle = position.float()[:, None] * frequency[None]
+    code = torch.cat([angle.sin(), angle.cos()], dim=1)
+    return F.pad(code, (0, width - code.shape[1]))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x over a context (x itself for self-attention). With ``where``, each
+    head also reports where it looked: the attention-weighted coordinates of the context tokens, projected and
+    added to the output, so "where is the red circle?" and "is it above the star?" read positions directly."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0, where: bool = False):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"cross_heads ({num_heads}) must divide cross_width ({width})")
@@ -108,11 +148,13 @@ class Attention(nn.Module):
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
+        self.where = nn.Linear(2 * num_heads, width) if where else None
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, W), context (B, S, W), mask (B, S) bool: True for keys that may be attended to."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                coords: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, W), context (B, S, W), mask (B, S) bool: True for keys that may be attended to;
+        coords (S, 2): each context token's (row, column) in [-1, 1] (read when built with ``where``)."""
         context = x if context is None else context
         B, L, W = x.shape
         h = self.num_heads
@@ -120,27 +162,36 @@ class Attention(nn.Module):
         k, v = self.kv(context).chunk(2, dim=-1)  # (B, S, W) each
         k, v = (t.reshape(B, -1, h, W // h).transpose(1, 2) for t in (k, v))  # (B, h, S, W/h)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S), broadcast over heads and queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, h, L, W/h)
-        return self.out(y.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
+        if self.where is None or coords is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, h, L, W/h)
+            return self.out(y.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(W // h)  # (B, h, L, S)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(-1)
+        y = F.dropout(weights, self.dropout, self.training) @ v  # (B, h, L, W/h)
+        looked = (weights @ coords.to(weights.dtype)).transpose(1, 2).reshape(B, L, 2 * h)  # (B, L, 2h)
+        return self.out(y.transpose(1, 2).reshape(B, L, W)) + self.where(looked)  # (B, L, W)
 
 
 class CrossBlock(nn.Module):
     """Pre-LayerNorm block: self-attention over text, cross-attention text -> image, MLP; each residual."""
 
-    def __init__(self, width: int, num_heads: int, dropout: float = 0.0):
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0, where: bool = False):
         super().__init__()
         self.ln_self = nn.LayerNorm(width)
         self.self_attn = Attention(width, num_heads, dropout)
         self.ln_cross = nn.LayerNorm(width)
-        self.cross_attn = Attention(width, num_heads, dropout)
+        self.cross_attn = Attention(width, num_heads, dropout, where)
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor,
+                image_coords: torch.Tensor | None = None) -> torch.Tensor:
         text = text + self.drop(self.self_attn(self.ln_self(text), mask=text_mask))  # (B, L, W)
-        text = text + self.drop(self.cross_attn(self.ln_cross(text), context=image))  # (B, L, W)
+        text = text + self.drop(self.cross_attn(self.ln_cross(text), context=image, coords=image_coords))  # (B, L, W)
         return text + self.drop(self.mlp(self.ln_mlp(text)))  # (B, L, W)
 
 
@@ -158,12 +209,19 @@ class CrossAttentionFusion(nn.Module):
         self.out_dim = width
         self.text_in = nn.Linear(config.text_token_dim, width)  # (B, L, Ct) -> (B, L, W)
         self.image_in = nn.Linear(config.image_token_dim, width)  # (B, N, Ci) -> (B, N, W)
-        # Where each image token sits (a CNN's feature map carries little of it; relation questions need it).
-        self.image_pos = nn.Parameter(0.02 * torch.randn(1, config.image_tokens, width)) if config.image_tokens else None
+        # Where each image token sits (a CNN's feature map carries little of it; position and relation questions
+        # need it): learned, started at a 2-D sine-cosine code of the token's (row, column) when the tokens form a
+        # square grid, at unit scale like the normalised tokens it is added to (a small random start drowns).
+        self.image_norm = nn.LayerNorm(width)
+        self.image_pos = nn.Parameter(grid_positions(config.image_tokens, width)) if config.image_tokens else None
         self.text_embed_in = nn.Linear(config.dim, width)
         self.image_embed_in = nn.Linear(config.dim, width)
-        self.blocks = nn.ModuleList(CrossBlock(width, config.cross_heads, config.dropout)
+        where = config.cross_where and config.image_tokens > 0
+        self.blocks = nn.ModuleList(CrossBlock(width, config.cross_heads, config.dropout, where)
                                     for _ in range(config.cross_layers))
+        # (row, column) in [-1, 1] of the global image token (the centre) and of each image token
+        self.register_buffer("image_coords", torch.cat([torch.zeros(1, 2), grid_coords(config.image_tokens)])
+                             if where else None, persistent=False)
         self.ln_f = nn.LayerNorm(width)
         self.drop = nn.Dropout(config.dropout)
         self.token_dims = (config.image_token_dim, config.text_token_dim)
@@ -184,7 +242,7 @@ class CrossAttentionFusion(nn.Module):
         first = torch.ones(B, 1, dtype=torch.bool, device=text_tokens.device)
         mask = torch.cat([first, text_mask.bool()], dim=1)  # (B, 1+L); the first token is never masked
         text = torch.cat([self.text_embed_in(text_embed)[:, None], self.text_in(text_tokens)], dim=1)  # (B, 1+L, W)
-        image_tokens = self.image_in(image_tokens)  # (B, N, W)
+        image_tokens = self.image_norm(self.image_in(image_tokens))  # (B, N, W)
         if self.image_pos is not None:
             if image_tokens.shape[1] != self.image_pos.shape[1]:
                 raise ValueError(f"cross fusion was built for {self.image_pos.shape[1]} image tokens, "
@@ -192,8 +250,84 @@ class CrossAttentionFusion(nn.Module):
             image_tokens = image_tokens + self.image_pos
         image = torch.cat([self.image_embed_in(image_embed)[:, None], image_tokens], dim=1)  # (B, 1+N, W)
         for block in self.blocks:
-            text = block(text, image, mask)  # (B, 1+L, W)
+            text = block(text, image, mask, self.image_coords)  # (B, 1+L, W)
         text = self.ln_f(text)
         weights = mask.unsqueeze(-1).to(text.dtype)  # (B, 1+L, 1)
         pooled = (text * weights).sum(1) / weights.sum(1)  # (B, W); padded tokens drop out here too
         return self.drop(pooled)
+
+
+# ----------------------------------------------------------------------------- relation network
+
+class SelfBlock(nn.Module):
+    """Pre-LayerNorm Transformer block: self-attention, then MLP; each residual."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(width)
+        self.attn = Attention(width, num_heads, dropout)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), mask=mask))
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+
+class RelationFusion(nn.Module):
+    """A relation network (Santoro et al. 2017, the model that answered Sort-of-CLEVR's relational questions):
+
+        q = question(text tokens, e_T)                    a self-attention block, pooled by a learned query
+        o_i = [LN(W tokens_I[i]), row_i, col_i]           every image token with its place in the grid
+        e = f( mean_ij g([o_i, o_j, q]) )                 g and f are MLPs; out_dim cross_width
+
+    Every ordered pair of places is compared under the question, so "is the red circle above the star?" is
+    one learned function of two objects and their coordinates, not something to find in a pooled vector.
+    """
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        if not config.image_tokens:
+            raise ValueError("relation fusion needs the image tower's token count (FusionConfig.image_tokens > 0)")
+        width, hidden = config.cross_width, config.relation_width
+        self.out_dim = width
+        self.text_in = nn.Linear(config.text_token_dim, width)
+        self.text_embed_in = nn.Linear(config.dim, width)
+        self.question = SelfBlock(width, config.cross_heads, config.dropout)
+        self.query = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.pool = Attention(width, config.cross_heads)
+        self.ln_q = nn.LayerNorm(width)
+        self.image_in = nn.Sequential(nn.Linear(config.image_token_dim, width), nn.LayerNorm(width))
+        self.register_buffer("coords", grid_coords(config.image_tokens), persistent=False)  # (N, 2)
+        # g's first layer on [o_i, o_j, q] is a sum of three linear maps: computed once per token, not per pair
+        self.g_first = nn.Linear(width + 2, hidden)
+        self.g_second = nn.Linear(width + 2, hidden, bias=False)
+        self.g_question = nn.Linear(width, hidden, bias=False)
+        self.g = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.f = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(config.dropout),
+                               nn.Linear(hidden, width))
+        self.token_dims = (config.image_token_dim, config.text_token_dim)
+
+    def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
+                image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if image_tokens is None or text_tokens is None:
+            raise ValueError("relation fusion needs image_tokens (B, N, Ci) and text_tokens (B, L, Ct): pass the "
+                             "towers' forward_features tokens, or use the concat | sum | gated methods")
+        if (image_tokens.shape[-1], text_tokens.shape[-1]) != self.token_dims:
+            raise ValueError(f"relation fusion was built for token widths (image, text) = {self.token_dims}, "
+                             f"got {(image_tokens.shape[-1], text_tokens.shape[-1])}")
+        if image_tokens.shape[1] != len(self.coords):
+            raise ValueError(f"relation fusion was built for {len(self.coords)} image tokens, got {image_tokens.shape[1]}")
+        B, L, _ = text_tokens.shape
+        if text_mask is None:
+            text_mask = torch.ones(B, L, dtype=torch.bool, device=text_tokens.device)
+        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=text_tokens.device), text_mask.bool()], dim=1)
+        text = torch.cat([self.text_embed_in(text_embed)[:, None], self.text_in(text_tokens)], dim=1)  # (B, 1+L, W)
+        text = self.question(text, mask)
+        q = self.ln_q(self.pool(self.query.expand(B, -1, -1), context=text, mask=mask)[:, 0])  # (B, W)
+        objects = torch.cat([self.image_in(image_tokens), self.coords.expand(B, -1, -1).to(text.dtype)], -1)
+        first, second = self.g_first(objects), self.g_second(objects)  # (B, N, G) each
+        pairs = first[:, :, None] + second[:, None, :] + self.g_question(q)[:, None, None]  # (B, N, N, G)
+        return self.f(self.g(pairs).mean(dim=(1, 2)))  # (B, W)

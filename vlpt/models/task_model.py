@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.config import FINETUNE_TASKS, ModelConfig, from_dict, to_dict
+from vlpt.config import FINETUNE_INPUTS, FINETUNE_TASKS, ModelConfig, from_dict, to_dict
 from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.models.dual_encoder import (
     CONFIG_NAME,
@@ -38,6 +38,7 @@ from vlpt.models.heads import ClassifierHead, MatchingHead, VQAHead
 from vlpt.tokenization import Tokenizer
 
 TASKS = FINETUNE_TASKS  # the names live in vlpt.config, which checks configs against them
+INPUTS = FINETUNE_INPUTS
 MODEL_TYPE = "vlpt-task"  # config.json's "model_type": tells a task model's folder from a dual encoder's
 
 
@@ -48,6 +49,8 @@ class TaskModelConfig:
     outputs: list[str] = field(default_factory=list)  # class names (classify) or answers (vqa); match: []
     head_hidden: int | None = None  # classify: MLP hidden width; None: linear
     freeze_towers: bool = False  # the encoder stays frozen (eval mode, no gradients)
+    inputs: str = "both"  # both | question_only (every image replaced by a constant) | image_only (every text
+    #                       replaced by a constant): the blind baselines that show what each input contributes
     encoder: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -62,6 +65,10 @@ class TaskModel(SavesPretrained, nn.Module):
         check_task(config.task)
         if config.task != "classify" and config.fusion.method not in FUSION_METHODS:
             raise ValueError(f"unknown fusion method {config.fusion.method!r}; choose from {', '.join(FUSION_METHODS)}")
+        if config.inputs not in INPUTS:
+            raise ValueError(f"unknown inputs {config.inputs!r}; choose from {', '.join(INPUTS)}")
+        if config.task == "classify" and config.inputs != "both":
+            raise ValueError("a classify model reads only the image; inputs must be 'both'")
         if config.task != "match" and len(config.outputs) < 2:
             raise ValueError(f"the {config.task} head needs at least two output names, got {config.outputs}")
         self.config = config
@@ -106,12 +113,16 @@ class TaskModel(SavesPretrained, nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         enc = self.encoder
+        if self.config.inputs == "question_only":  # blind baseline: every image is the same black square
+            images = torch.zeros_like(images)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
             tokens, pooled = enc.image_tower.forward_features(images)  # (B, N, Ci), (B, C)
             return {"image_tokens": tokens, "image_embed": F.normalize(enc.image_proj(pooled), dim=-1)}
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         enc = self.encoder
+        if self.config.inputs == "image_only":  # blind baseline: every text is its first token alone ([CLS])
+            input_ids, attention_mask = input_ids[:, :1], attention_mask[:, :1]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
             tokens, pooled = enc.text_tower.forward_features(input_ids, attention_mask)  # (B, L, Ct), (B, C)
             return {"text_tokens": tokens, "text_mask": attention_mask.bool(),

@@ -18,7 +18,13 @@ from vlpt.config import RunConfig, load_config
 from vlpt.data import digits, fashion, shapes
 from vlpt.data.finetune import ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
 from vlpt.data.splits import applies, load_split
-from vlpt.evaluate.finetune import evaluate_classifier, evaluate_matching, evaluate_vqa
+from vlpt.evaluate.finetune import (
+    answer_questions,
+    evaluate_classifier,
+    evaluate_matching,
+    vqa_examples_figure,
+    vqa_metrics,
+)
 from vlpt.evaluate.report import EvalResult
 from vlpt.evaluate.suite import digits_classifier, fashion_classifier, shapes_classifier
 from vlpt.factory import load_dual_encoder
@@ -166,9 +172,9 @@ def build_task_model(config: RunConfig, data: TaskData, tokenizer: Tokenizer | N
     config.model = encoder.config  # the run records the architecture it actually fine-tuned
     torch.manual_seed(config.train.seed)  # fusion and head initialisation
     fusion = FusionConfig(method=ft.fusion, cross_width=ft.cross_width, cross_layers=ft.cross_layers,
-                          cross_heads=ft.cross_heads)
+                          cross_heads=ft.cross_heads, cross_where=ft.cross_where)
     task_config = TaskModelConfig(task=config.train.task, fusion=fusion, outputs=data.outputs,
-                                  head_hidden=ft.head_hidden, freeze_towers=ft.freeze_towers)
+                                  head_hidden=ft.head_hidden, freeze_towers=ft.freeze_towers, inputs=ft.inputs)
     model = TaskModel(task_config, encoder)
     if ft.init_head not in ("zero_shot", "random"):
         raise ValueError(f"unknown finetune.init_head {ft.init_head!r}; choose from zero_shot, random")
@@ -244,6 +250,13 @@ class Classify(FineTune):
     description = "image classification: a linear or MLP head on the image embedding"
     datasets = ("shapes", "digits", "fashion")
 
+    def check(self, config: RunConfig, env: DistributedEnv) -> list[str]:
+        problems = super().check(config, env)
+        if config.finetune.inputs != "both":
+            problems.append(f"finetune.inputs={config.finetune.inputs}: classify reads only the image; the blind "
+                            f"baselines (question_only, image_only) are for match and vqa")
+        return problems
+
     def outputs(self, config: RunConfig) -> list[str]:
         return list({"digits": digits.CLASS_NAMES, "fashion": fashion.CLASS_NAMES}.get(config.data.dataset,
                                                                                        shapes.CLASS_NAMES))
@@ -271,14 +284,23 @@ class VQA(FineTune):
     def batches(self, config: RunConfig, data: TaskData, model: TaskModel, env: DistributedEnv):
         t = config.train
         return rank_slice(QuestionBatches(data.train_images, data.train_scenes, model.tokenizer, t.batch_size,
-                                          t.seed), env)
+                                          t.seed, config.finetune.question_noise), env)
 
     def objective(self, config: RunConfig, model: TaskModel, env: DistributedEnv, device: torch.device):
         return data_parallel(VQATask(model), env, device)
 
     def evaluate(self, model: TaskModel, config: RunConfig, run_dir: Path, cache_dir: Path | None) -> EvalResult:
+        """Test scenes in training and held-out wording, and scenes showing held-out (color, shape) pairs
+        (the compositional split) as a separate set, every figure per question type."""
         test = task_split(config, "test", cache_dir)
-        return EvalResult(evaluate_vqa(model, test.images, test.scenes, config.eval.batch_size))
+        answered = answer_questions(model, test.images, test.scenes, config.eval.batch_size)
+        metrics = vqa_metrics(answered) | vqa_metrics(answer_questions(
+            model, test.images, test.scenes, config.eval.batch_size, wording="heldout"), suffix="_heldout_wording")
+        compositional = task_split(config, "compositional", cache_dir)
+        metrics |= vqa_metrics(answer_questions(model, compositional.images, compositional.scenes,
+                                                config.eval.batch_size), prefix="vqa_compositional_")
+        figure = vqa_examples_figure(test.images, answered, run_dir / "vqa_examples.png")
+        return EvalResult(metrics, images={"Questions, answers and the truth (failures included)": figure})
 
 
 class Match(FineTune):

@@ -1,0 +1,213 @@
+"""Visual question answering: questions generated with the right answers (checked against hand-made scenes'
+geometry), held-out wording kept out of training, balanced question types, blind baselines that really
+ignore an input, and a tiny model that learns where things are."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import assert_close_to_scale, tiny_model_config
+from vlpt.data import shapes
+from vlpt.data.finetune import QuestionBatches, balanced_rows, flatten_questions
+from vlpt.factory import create_model
+from vlpt.models.fusion import FusionConfig
+from vlpt.models.task_model import TaskModel, TaskModelConfig
+
+# The grid by hand, (row, column) per cell name: the oracle below reads geometry from here, not from vlpt.
+GRID = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
+        "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+PLACES = {"in the top left": "top left", "at the top": "top", "in the top right": "top right", "on the left": "left",
+          "in the center": "center", "on the right": "right", "in the bottom left": "bottom left",
+          "at the bottom": "bottom", "in the bottom right": "bottom right"}
+RELATION_HOLDS = {"above": lambda a, b: a[0] < b[0], "below": lambda a, b: a[0] > b[0],
+                  "to the left of": lambda a, b: a[1] < b[1], "to the right of": lambda a, b: a[1] > b[1]}
+
+
+def obj(color: str, shape: str, place: str, size: str = "small") -> shapes.ShapeObject:
+    row, col = GRID[place]
+    return shapes.ShapeObject(shape=shape, color=color, size=size, cell=3 * row + col, dx=0.0, dy=0.0, rotation=0.0)
+
+
+HAND_MADE = [
+    [obj("red", "star", "top left", "large"), obj("blue", "circle", "bottom right"), obj("green", "square", "center")],
+    [obj("yellow", "hexagon", "left"), obj("purple", "cross", "right", "large")],
+    [obj("cyan", "triangle", "top"), obj("cyan", "star", "bottom", "large"), obj("white", "triangle", "top right")],
+    [obj("orange", "square", "bottom left", "large")],
+    [obj("green", "circle", "top right"), obj("green", "circle", "bottom left"), obj("red", "hexagon", "center")],
+]
+
+
+SLOTS = {"shape": r"\w+", "color": r"\w+", "object": r"\w+ \w+", "a": r"\w+ \w+", "b": r"\w+ \w+",
+         "relation": "|".join(RELATION_HOLDS), "place": "|".join(PLACES)}
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex with named groups for its slots."""
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out += re.escape(template[pos:m.start()]) + f"(?P<{m.group(1)}>{SLOTS[m.group(1)]})"
+        pos = m.end()
+    return re.compile(out + re.escape(template[pos:]) + "$")
+
+
+def parse(text: str, wording: int) -> tuple[str, dict[str, str]]:
+    """(kind, slots) of a question in training (0) or held-out (1) wording; fails if no template reads it."""
+    found = [(kind, m.groupdict()) for kind, both in shapes.QUESTION_WORDING.items() for t in both[wording]
+             if (m := _pattern(t).match(text))]
+    assert len(found) == 1, (text, found)
+    return found[0]
+
+
+def oracle(scene_objects: list[shapes.ShapeObject], kind: str, slots: dict[str, str]) -> str:
+    """The right answer, from the hand-made geometry above."""
+    where = {o: next(name for name, rc in GRID.items() if rc == (o.cell // 3, o.cell % 3)) for o in scene_objects}
+
+    def named(phrase: str) -> shapes.ShapeObject:
+        color, shape = phrase.split()
+        matches = [o for o in scene_objects if (o.color, o.shape) == (color, shape)]
+        assert len(matches) == 1, f"questions name one object: {phrase}"
+        return matches[0]
+
+    if kind == "color":
+        return next(o.color for o in scene_objects if o.shape == slots["shape"])
+    if kind == "shape":
+        return next(o.shape for o in scene_objects if o.color == slots["color"])
+    if kind == "count":
+        return str(len(scene_objects))
+    if kind == "count_color":
+        return str(sum(o.color == slots["color"] for o in scene_objects))
+    if kind == "existence":
+        return "yes" if any(f"{o.color} {o.shape}" == slots["object"] for o in scene_objects) else "no"
+    if kind == "size":  # several objects may share the name when they share the size too
+        sizes = {o.size for o in scene_objects if f"{o.color} {o.shape}" == slots["object"]}
+        assert len(sizes) == 1, slots
+        return sizes.pop()
+    if kind == "relation":
+        a, b = GRID[where[named(slots["a"])]], GRID[where[named(slots["b"])]]
+        return "yes" if RELATION_HOLDS[slots["relation"]](a, b) else "no"
+    if kind == "where":
+        return where[named(slots["object"])]
+    if kind == "at":
+        return "yes" if where[named(slots["object"])] == PLACES[slots["place"]] else "no"
+    raise AssertionError(kind)
+
+
+def test_questions_on_hand_made_scenes_have_the_answers_their_geometry_gives():
+    kinds_seen, answers_seen = set(), set()
+    for objects in HAND_MADE:
+        scene = shapes.Scene(objects=objects, background=(50, 50, 50))
+        for seed in range(60):
+            for q in shapes.make_questions(scene, np.random.default_rng(seed)):
+                kind, slots = parse(q.question, 0)
+                held_kind, held_slots = parse(q.heldout, 1)
+                assert (held_kind, held_slots) == (kind, slots), "both wordings ask the same question"
+                assert q.answer == oracle(objects, kind, slots), (q, objects)
+                assert q.type == {"count_color": "count", "where": "position", "at": "position"}.get(kind, kind)
+                kinds_seen.add(kind)
+                if q.type in ("position", "relation"):
+                    answers_seen.add(q.answer)
+    assert kinds_seen == set(shapes.QUESTION_WORDING)
+    assert {"yes", "no", "top left", "bottom right", "center", "right", "bottom left"} <= answers_seen
+
+
+def test_every_scene_with_a_nameable_object_gets_a_position_question_and_spatial_answers_are_balanced():
+    where, at, relation = [], [], []
+    for i in range(1500):
+        scene = shapes.sample_scene(0, "val", i)
+        position = [q for q in scene.questions if q.type == "position"]
+        pairs = [(o.color, o.shape) for o in scene.objects]
+        assert len(position) == (1 if any(pairs.count(p) == 1 for p in pairs) else 0), scene
+        for q in scene.questions:  # (sampled scenes: the answers checked against the geometry too)
+            kind, slots = parse(q.question, 0)
+            assert q.answer == oracle(scene.objects, kind, slots) and q.answer in shapes.ANSWERS, q
+            {"where": where, "at": at, "relation": relation}.get(kind, []).append(q.answer)
+    assert set(where) == set(shapes.POSITIONS)  # every cell is an answer
+    assert max(where.count(p) for p in shapes.POSITIONS) < 2.5 * min(where.count(p) for p in shapes.POSITIONS)
+    for answers in (at, relation):  # yes / no questions: the majority answer is worth about half
+        assert 0.42 < answers.count("yes") / len(answers) < 0.58, len(answers)
+
+
+def test_held_out_wording_never_occurs_in_training():
+    heldout = [_pattern(t) for both in shapes.QUESTION_WORDING.values() for t in both[1]]
+    train_templates = {t for both in shapes.QUESTION_WORDING.values() for t in both[0]}
+    assert not train_templates & {t for both in shapes.QUESTION_WORDING.values() for t in both[1]}
+    scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=2000, twins=True))
+    train_questions, _, _, _ = flatten_questions(scenes)
+    assert not [q for q in train_questions if any(p.match(q) for p in heldout)]
+    test_scenes = shapes.make_scenes(shapes.ShapesConfig(split="test", size=200))
+    asked, _, answers, _ = flatten_questions(test_scenes, "heldout")
+    trained, _, same_answers, _ = flatten_questions(test_scenes)
+    assert np.array_equal(answers, same_answers) and not set(asked) & set(train_questions)
+    assert all(any(p.match(q) for p in heldout) for q in asked)
+    with pytest.raises(ValueError, match="train, heldout"):
+        flatten_questions(test_scenes, "paraphrased")
+
+
+def test_question_types_are_balanced_in_training_and_test():
+    types = np.array([0, 0, 0, 0, 1, 2, 2])
+    assert np.bincount(types[balanced_rows(types, oversample=True)]).tolist() == [4, 4, 4]
+    assert np.bincount(types[balanced_rows(types, oversample=False)]).tolist() == [1, 1, 1]
+    data = shapes.ShapesDataset(shapes.ShapesConfig(split="train", size=300, image_size=32))
+    tokenizer = create_model(tiny_model_config(), corpus=flatten_questions(data.scenes)[0]).tokenizer
+    batches = QuestionBatches(data.images, data.scenes, tokenizer, 64, seed=0)
+    seen = np.bincount(np.concatenate([batches.batch(s)["types"].numpy() for s in range(30)]),
+                       minlength=len(shapes.QUESTION_TYPES))
+    raw = np.bincount(flatten_questions(data.scenes)[3], minlength=len(shapes.QUESTION_TYPES))
+    assert raw.max() > 1.5 * raw.min()  # relation questions need two objects: rarer in the raw data ...
+    assert seen.max() < 1.3 * seen.min(), seen  # ... but not in training batches
+
+
+def _vqa_model(inputs: str) -> TaskModel:
+    torch.manual_seed(0)
+    encoder = create_model(tiny_model_config(), corpus=["what color is the star?", "where is the red circle?"])
+    return TaskModel(TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross"), outputs=list(shapes.ANSWERS),
+                                     inputs=inputs), encoder)
+
+
+def test_blind_baselines_ignore_their_missing_input():
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    questions = ["what color is the star?", "where is the red circle?"]
+    blind = _vqa_model("question_only").predict(images, [questions[0]] * 2)
+    assert_close_to_scale(blind[0], blind[1])  # two different images, one answer distribution (up to rounding)
+    deaf = _vqa_model("image_only").predict(images[:1].expand(2, -1, -1, -1), questions)
+    assert_close_to_scale(deaf[0], deaf[1])  # two different questions about one image
+    both = _vqa_model("both")  # ... while a model with both inputs tells them apart
+    for p in (both.predict(images, [questions[0]] * 2), both.predict(images[:1].expand(2, -1, -1, -1), questions)):
+        assert (p[0] - p[1]).abs().max() > 1e-3 * p.max()
+    with pytest.raises(ValueError, match="question_only, image_only"):
+        _vqa_model("deaf")
+    with pytest.raises(ValueError, match="inputs must be 'both'"):
+        TaskModel(TaskModelConfig(task="classify", outputs=["a", "b"], inputs="image_only"),
+                  create_model(tiny_model_config(), corpus=["a red circle"]))
+
+
+def test_a_tiny_model_learns_where_things_are():
+    """From scratch, on single-object scenes and "where is ..." questions alone: 9-way, chance 11%."""
+    def where_only(split: str, size: int):
+        data = shapes.ShapesDataset(shapes.ShapesConfig(split=split, size=size, image_size=32, max_objects=1))
+        for scene in data.scenes:
+            o = scene.primary
+            scene.questions = [shapes.Question(f"where is the {o.color} {o.shape}?", o.position, "position")]
+        return data
+
+    train, test = where_only("train", 512), where_only("test", 200)
+    torch.manual_seed(0)
+    encoder = create_model(tiny_model_config(), corpus=flatten_questions(train.scenes)[0])
+    model = TaskModel(TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross", cross_width=32, cross_layers=1,
+                                                                      cross_heads=2),
+                                      outputs=list(shapes.ANSWERS)), encoder)
+    batches = QuestionBatches(train.images, train.scenes, model.tokenizer, 64, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        batch = batches.batch(step)
+        loss = F.cross_entropy(model(batch["images"], batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    questions, owner, answers, _ = flatten_questions(test.scenes)
+    predicted = [shapes.ANSWERS.index(a) for a, _ in model.answer(test.images[owner], questions)]
+    accuracy = float(np.mean(np.array(predicted) == answers))
+    assert accuracy > 0.5, f"held-out accuracy {accuracy:.3f} (chance 0.111)"
