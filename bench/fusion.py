@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--digits-run", type=Path, help="pre-trained digits run (default: train lit-digits)")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "bench" / "runs")
     parser.add_argument("--steps", type=int, help="vqa fine-tuning steps for every row (default: the config's)")
+    parser.add_argument("--vqa-set", nargs="*", default=[], help="KEY=VALUE overrides for every vqa row")
     parser.add_argument("--match-steps", type=int, default=500, help="matching fine-tuning steps for every row")
     parser.add_argument("--classify-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
@@ -81,6 +82,8 @@ def main() -> None:
                                                    ["train.steps=3"] if args.quick else [])
     steps = [f"train.steps={args.steps}"] if args.steps else []
     budget = quick or steps
+    # VQA: frozen towers (their image features computed once per image) and the recipe chosen on validation scenes
+    vqa_recipe = [] if args.quick else args.vqa_set
     match_budget = quick or [f"train.steps={args.match_steps}"]
 
     name = "fusion-quick" if args.quick else "fusion"
@@ -93,7 +96,8 @@ def main() -> None:
         seconds = {k.removeprefix("seconds_"): v for k, v in kept.items() if k.startswith("seconds_")}
     vqa_rows = [(f, f, []) for f in FUSION_METHODS] + [(b, "cross", [f"finetune.inputs={b}"]) for b in BASELINES]
     for row, fusion, inputs in vqa_rows if "vqa" in args.sections else ():
-        vqa, seconds[f"vqa_{row}"] = finetune("vqa", fusion, shapes_run, runs, budget + inputs, name=row)
+        vqa, seconds[f"vqa_{row}"] = finetune("vqa", fusion, shapes_run, runs, budget + vqa_recipe + inputs,
+                                              freeze=True, name=row)
         for t in VQA_COLUMNS:
             figures[f"vqa_{row}_{t}"] = vqa[f"vqa_{t}"]
             figures[f"vqa_{row}_{t}_heldout_wording"] = vqa[f"vqa_{t}_heldout_wording"]
@@ -126,7 +130,8 @@ def main() -> None:
         f: " ".join(f"{k}={figures[f'match_{f}_{k}']:.3f}" for k in ("swapped", "hard", "random"))
         for f in FUSION_METHODS if f"match_{f}_swapped" in figures})
     figures |= {f"seconds_{k}": v for k, v in seconds.items()}
-    config = {"finetune_config": "finetune", "vqa_overrides": budget, "match_overrides": match_budget,
+    config = {"finetune_config": "finetune", "vqa_overrides": budget + vqa_recipe, "vqa_freeze_towers": True,
+              "match_overrides": match_budget,
               "classify_overrides": classify_budget,
               "shapes_run": str(shapes_run), "digits_run": digits_run and str(digits_run), "quick": args.quick,
               "threads": args.threads, "sections_rerun": args.sections}

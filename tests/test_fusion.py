@@ -18,7 +18,7 @@ B, D, N, L, CI, CT = 5, 8, 6, 7, 12, 10
 
 def _config(method: str, **kw) -> FusionConfig:
     return FusionConfig(method=method, dim=D, image_token_dim=CI, text_token_dim=CT, cross_width=16,
-                        cross_layers=2, cross_heads=4, relation_width=32, **kw)
+                        cross_layers=2, cross_heads=4, **kw)
 
 
 def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,21 +36,20 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", FUSION_METHODS)
 def test_shape_and_gradients(method):
     torch.manual_seed(0)
-    fusion = create_fusion(_config(method, image_tokens=N if method == "relation" else 0))
+    fusion = create_fusion(_config(method))
     inputs = _inputs()
     for key in ("image_embed", "text_embed", "image_tokens", "text_tokens"):
         inputs[key].requires_grad_(True)
     out = fusion(**inputs)
     assert out.shape == (B, fusion.out_dim)
-    assert fusion.out_dim == {"concat": 2 * D, "sum": D, "gated": D, "cross": 16, "relation": 16}[method]
+    assert fusion.out_dim == {"concat": 2 * D, "sum": D, "gated": D, "cross": 16}[method]
     (out * torch.randn_like(out)).sum().backward()  # random weights: no symmetry hides a zero gradient
     for name, p in fusion.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{method}: no gradient for {name}"
-    needs = {"cross": ["image_embed", "text_embed", "image_tokens", "text_tokens"],
-             "relation": ["text_embed", "image_tokens", "text_tokens"]}.get(method, ["image_embed", "text_embed"])
+    needs = ["image_embed", "text_embed"] + (["image_tokens", "text_tokens"] if method == "cross" else [])
     for key in needs:
         assert inputs[key].grad is not None and inputs[key].grad.abs().sum() > 0, f"{method}: no gradient to {key}"
-    if method in ("cross", "relation"):  # padded text tokens take no part at all
+    if method == "cross":  # padded text tokens take no part at all
         pad = ~inputs["text_mask"]
         assert inputs["text_tokens"].grad[pad].abs().max() == 0
         assert inputs["text_tokens"].grad[~pad].abs().sum(-1).min() > 0
@@ -164,19 +163,19 @@ def _synthetic_batch(n: int, g: torch.Generator, protos: dict[str, torch.Tensor]
     return inputs, (a + b) % 4
 
 
-@pytest.mark.parametrize("method", ["concat", "gated", "cross", "relation"])
+@pytest.mark.parametrize("method", ["concat", "gated", "cross"])
 def test_learns_task_needing_both_inputs(method):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     protos = {"image": torch.randn(4, D, generator=g), "text": torch.randn(4, D, generator=g),
               "image_token": torch.randn(4, CI, generator=g), "text_token": torch.randn(4, CT, generator=g)}
-    fusion = create_fusion(_config(method, image_tokens=N if method == "relation" else 0))
+    fusion = create_fusion(_config(method))
     head = ClassifierHead(fusion.out_dim, 4, hidden=64)
     params = list(fusion.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=3e-3)
 
     def run(inputs: dict) -> torch.Tensor:
-        if method in ("cross", "relation"):  # uninformative embeddings: the answer has to come from the tokens
+        if method == "cross":  # uninformative embeddings: the answer has to come from the tokens
             inputs = dict(inputs, image_embed=torch.randn_like(inputs["image_embed"]),
                           text_embed=torch.randn_like(inputs["text_embed"]))
         return head(fusion(**inputs))
@@ -206,3 +205,25 @@ def test_cross_image_positions_tell_token_order_apart():
     assert_close_to_scale(plain(**inputs), plain(**flipped))
     with pytest.raises(ValueError, match="image tokens"):
         fusion(**dict(inputs, image_tokens=inputs["image_tokens"][:, :3]))
+
+
+def test_cross_where_readout_reports_where_attention_looked():
+    """Each cross-attention head adds a projection of the attention-weighted (row, column) of the image tokens it
+    looked at: with identical image tokens, moving the one distinct token moves the output; without the readout
+    (and without position embeddings) attention cannot tell the places apart."""
+    torch.manual_seed(0)
+    fusion = create_fusion(_config("cross", image_tokens=4)).eval()  # a 2 x 2 grid
+    assert fusion.image_coords.tolist() == [[0, 0], [-1, -1], [-1, 1], [1, -1], [1, 1]]
+    inputs = _inputs()
+    tokens = torch.zeros(B, 4, CI)
+    tokens[:, 0] = 3.0  # one object, top left ...
+    moved = tokens.flip(1)  # ... or bottom right
+    a = fusion(**dict(inputs, image_tokens=tokens))
+    b = fusion(**dict(inputs, image_tokens=moved))
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+    with torch.no_grad():
+        for block in fusion.blocks:
+            block.cross_attn.where.weight.zero_()
+            block.cross_attn.where.bias.zero_()
+        fusion.image_pos.zero_()
+    assert_close_to_scale(fusion(**dict(inputs, image_tokens=tokens)), fusion(**dict(inputs, image_tokens=moved)))

@@ -54,7 +54,8 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def parse(text: str, wording: int) -> tuple[str, dict[str, str]]:
-    """(kind, slots) of a question in training (0) or held-out (1) wording; fails if no template reads it."""
+    """(kind, slots) of a question in training (0), validation (1) or test (2) wording; fails unless one
+    template reads it."""
     found = [(kind, m.groupdict()) for kind, both in shapes.QUESTION_WORDING.items() for t in both[wording]
              if (m := _pattern(t).match(text))]
     assert len(found) == 1, (text, found)
@@ -102,7 +103,7 @@ def test_questions_on_hand_made_scenes_have_the_answers_their_geometry_gives():
         for seed in range(60):
             for q in shapes.make_questions(scene, np.random.default_rng(seed)):
                 kind, slots = parse(q.question, 0)
-                held_kind, held_slots = parse(q.heldout, 1)
+                held_kind, held_slots = parse(q.heldout, 2)
                 assert (held_kind, held_slots) == (kind, slots), "both wordings ask the same question"
                 assert q.answer == oracle(objects, kind, slots), (q, objects)
                 assert q.type == {"count_color": "count", "where": "position", "at": "position"}.get(kind, kind)
@@ -131,19 +132,23 @@ def test_every_scene_with_a_nameable_object_gets_a_position_question_and_spatial
 
 
 def test_held_out_wording_never_occurs_in_training():
-    heldout = [_pattern(t) for both in shapes.QUESTION_WORDING.values() for t in both[1]]
-    train_templates = {t for both in shapes.QUESTION_WORDING.values() for t in both[0]}
-    assert not train_templates & {t for both in shapes.QUESTION_WORDING.values() for t in both[1]}
+    """Validation and test scenes ask every question again in wordings no training question uses, each
+    split its own (a recipe chosen on the validation wording is not tuned to the test wording)."""
+    sets = [{t for both in shapes.QUESTION_WORDING.values() for t in both[k]} for k in range(3)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    heldout = [_pattern(t) for t in sets[1] | sets[2]]
     scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=2000, twins=True))
     train_questions, _, _, _ = flatten_questions(scenes)
     assert not [q for q in train_questions if any(p.match(q) for p in heldout)]
-    test_scenes = shapes.make_scenes(shapes.ShapesConfig(split="test", size=200))
-    asked, _, answers, _ = flatten_questions(test_scenes, "heldout")
-    trained, _, same_answers, _ = flatten_questions(test_scenes)
-    assert np.array_equal(answers, same_answers) and not set(asked) & set(train_questions)
-    assert all(any(p.match(q) for p in heldout) for q in asked)
+    for split, k in (("val", 1), ("test", 2), ("compositional", 2)):
+        held_scenes = shapes.make_scenes(shapes.ShapesConfig(split=split, size=200))
+        asked, _, answers, types = flatten_questions(held_scenes, "heldout")
+        trained, _, same_answers, same_types = flatten_questions(held_scenes)
+        assert np.array_equal(answers, same_answers) and np.array_equal(types, same_types)
+        assert not set(asked) & set(train_questions)
+        assert all(parse(q, k)[0] == parse(t, 0)[0] for q, t in zip(asked, trained))  # same kind of question
     with pytest.raises(ValueError, match="train, heldout"):
-        flatten_questions(test_scenes, "paraphrased")
+        flatten_questions(held_scenes, "paraphrased")
 
 
 def test_question_types_are_balanced_in_training_and_test():
@@ -211,3 +216,20 @@ def test_a_tiny_model_learns_where_things_are():
     predicted = [shapes.ANSWERS.index(a) for a, _ in model.answer(test.images[owner], questions)]
     accuracy = float(np.mean(np.array(predicted) == answers))
     assert accuracy > 0.5, f"held-out accuracy {accuracy:.3f} (chance 0.111)"
+
+
+def test_frozen_towers_image_cache_gives_the_same_features():
+    torch.manual_seed(0)
+    encoder = create_model(tiny_model_config(), corpus=["where is the red circle?"])
+    model = TaskModel(TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross"), outputs=list(shapes.ANSWERS),
+                                      freeze_towers=True), encoder)
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    plain = model.encode_images(images)
+    model.enable_image_cache()
+    first, again = model.encode_images(images), model.encode_images(images[[2, 0]])
+    assert len(model.image_cache) == 3  # each image through the towers once
+    for key in ("image_tokens", "image_embed"):
+        assert_close_to_scale(first[key], plain[key])
+        assert torch.equal(again[key], first[key][[2, 0]])
+    with pytest.raises(ValueError, match="frozen towers"):
+        _vqa_model("both").enable_image_cache()

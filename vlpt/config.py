@@ -56,7 +56,7 @@ FINETUNE_TASKS = ("classify", "match", "vqa")  # vlpt.tasks.finetune (train.task
 PAIRWISE_NEGATIVES = ("random", "hard")  # vlpt.losses.pairwise_loss
 NONFINITE_ACTIONS = ("stop", "skip")  # vlpt.train.trainer.Trainer
 REPORT_SINKS = ("jsonl", "tensorboard")  # vlpt.train.trainer.Trainer: where training rows go
-FUSION_METHODS = ("concat", "sum", "gated", "cross", "relation")
+FUSION_METHODS = ("concat", "sum", "gated", "cross")
 FINETUNE_INPUTS = ("both", "question_only", "image_only")  # vlpt.models.task_model: blind baselines
 INIT_HEADS = ("zero_shot", "random")  # vlpt.train.finetune
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")  # those both DDPM and DDIM (diffusers) know
@@ -268,13 +268,14 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    fusion: str = checked("cross", one_of(FUSION_METHODS))  # concat | sum | gated | cross | relation; match and vqa only (classify reads the image embedding)
+    fusion: str = checked("cross", one_of(FUSION_METHODS))  # concat | sum | gated | cross; match and vqa only (classify reads the image embedding)
     from_run: str | None = checked(None, non_blank)  # pre-trained run or model folder; None: towers from scratch (model section)
     freeze_towers: bool = False  # train only fusion + head (with a linear head: the linear probe)
     head_hidden: int | None = checked(None, at_least(1))  # classify: hidden width of an MLP head; None: linear
     init_head: str = checked("zero_shot", one_of(INIT_HEADS))  # classify, linear head, pre-trained: zero_shot (class-prompt embeddings, FLYP-style) | random
     train_size: int = checked(10000, at_least(1))  # shapes scenes to fine-tune on (digits: its fixed train split)
     test_size: int = checked(1000, at_least(1))  # held-out shapes scenes to score on
+    eval_split: str = checked("test", one_of(("test", "val")))  # score on: test, or val (to choose a recipe without the test set)
     cross_width: int = checked(128, at_least(1))  # cross fusion: Transformer width
     cross_layers: int = checked(2, at_least(1))  # cross fusion: blocks of (self-attention, cross-attention, MLP)
     cross_heads: int = checked(4, at_least(1))  # must divide cross_width

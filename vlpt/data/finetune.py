@@ -54,6 +54,24 @@ def flatten_questions(scenes: Sequence[shapes.Scene], wording: str = "train"
     return questions, np.array(owner, np.int64), np.array(answers, np.int64), np.array(types, np.int64)
 
 
+# Words that carry a question's content (what it asks about); the rest is its frame ("what", "is", "the", ...).
+CONTENT_WORDS = frozenset(
+    [*shapes.COLOR_NAMES, *shapes.SHAPES, *shapes.SIZES, *shapes.ANSWERS]
+    + [w for phrase in (*shapes.RELATIONS, *shapes.POSITION_PHRASES) for w in phrase.split()]
+    + ["color", "shape", "shapes", "size", "many", "where", "there"])
+
+
+def other_frame_word(question: str, rng: np.random.Generator) -> str:
+    """``question`` with one frame word (not in CONTENT_WORDS) replaced by a random letter string, half the
+    time: trained on such questions, a model reads a question by its content, whatever the wording around it."""
+    words = question.split()
+    frame = [i for i, w in enumerate(words) if w.strip("?.") not in CONTENT_WORDS]
+    if frame and rng.random() < 0.5:
+        i = frame[int(rng.integers(len(frame)))]
+        words[i] = "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(3, 9))))
+    return " ".join(words)
+
+
 def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
     """Row indices with every question type present equally often: each type's rows repeated up to the
     largest type's count (``oversample``, for training) or cut to the first rows of the smallest (test)."""
@@ -65,8 +83,9 @@ def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
 class QuestionBatches:
     """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; question types are balanced
     (rarer types repeated) and an epoch visits every balanced row once. With ``noise`` > 0 that fraction of
-    the questions come with 1-3 nonsense words inserted (``nonsense_words``), so the model learns to answer
-    from the words that matter and wording it has never seen passes."""
+    the questions come with 1-3 nonsense words inserted (``nonsense_words``) and, half of those, one frame word
+    replaced (``other_frame_word``), so the model learns to answer from the words that matter and wording it
+    has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
                  batch_size: int, seed: int, noise: float = 0.0):
@@ -78,7 +97,7 @@ class QuestionBatches:
         self.rows, self.count, self.noise = rows, len(questions), noise
         if noise > 0:  # every question's noisy twin, tokenized once, rows after the clean ones
             rng = np.random.default_rng([seed, 4242])
-            questions = questions + [nonsense_words(q, rng) for q in questions]
+            questions = questions + [nonsense_words(other_frame_word(q, rng), rng) for q in questions]
         tokens = tokenizer(questions)
         self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
         self.batch_size, self.seed = batch_size, seed

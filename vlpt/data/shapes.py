@@ -70,37 +70,48 @@ ANSWERS = tuple(
 )
 QUESTION_TYPES = ("color", "shape", "count", "existence", "size", "relation", "position")
 
-# How each kind of question is worded: (training templates, held-out templates). Training questions use the
-# first tuple; every question also carries the same question in held-out wording (``Question.heldout``), a
-# frame no training question uses, so the test set measures wording never seen in fine-tuning.
+# How each kind of question is worded: (training, validation, test) templates. Training questions use the first;
+# every question also carries the same question in a held-out wording (``Question.heldout``) that no training
+# question uses: validation scenes in the second set (for choosing a recipe), all other held-out splits in the
+# third (fixed before any model was scored on it), so the test wording is never tuned for.
 # Slots: {shape}, {color}, {object} ("red circle"), {a} / {b} (objects), {relation}, {place} ("in the top left").
-QUESTION_WORDING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+QUESTION_WORDING: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "color": (("what color is the {shape}?", "what is the color of the {shape}?", "the {shape} is what color?",
                "tell me the color of the {shape}."),
+              ("what colour has the {shape}?",),
               ("which colour does the {shape} have?",)),
     "shape": (("what shape is the {color} object?", "what is the shape of the {color} object?",
                "the {color} object is what shape?", "tell me the shape of the {color} object."),
+              ("what kind of shape is the {color} item?",),
               ("which shape does the {color} thing have?",)),
     "count": (("how many shapes are there?", "how many objects are in the picture?", "count the shapes.",
                "give the number of shapes."),
+              ("how many shapes does the picture hold?",),
               ("what is the number of shapes?",)),
     "count_color": (("how many {color} shapes are there?", "how many {color} objects are in the picture?",
                      "count the {color} shapes.", "give the number of {color} shapes."),
+                    ("how many {color} shapes does the picture hold?",),
                     ("what is the number of {color} shapes?",)),
     "existence": (("is there a {object}?", "is there a {object} in the picture?", "does the picture show a {object}?",
                    "do you see a {object}?"),
+                  ("is a {object} visible?",),
                   ("can you spot a {object} here?",)),
     "size": (("what size is the {object}?", "is the {object} small or large?", "how large is the {object}?"),
+             ("how big is the {object}?",),
              ("how big does the {object} look?",)),
     "relation": (("is the {a} {relation} the {b}?", "is the {a} placed {relation} the {b}?",
                   "is the {a} located {relation} the {b}?"),
+                 ("does the {a} lie {relation} the {b}?",),
                  ("would you say the {a} sits {relation} the {b}?",)),
     "where": (("where is the {object}?", "in which part of the picture is the {object}?",
                "which cell holds the {object}?", "where in the picture is the {object}?"),
+              ("in what spot is the {object}?",),
               ("where can the {object} be found?",)),
     "at": (("is the {object} {place}?", "is the {object} located {place}?", "is the {object} placed {place}?"),
+           ("does the {object} sit {place}?",),
            ("can the {object} be seen {place}?",)),
 }
+HELDOUT_WORDINGS = ("val", "test")  # which held-out template set (QUESTION_WORDING[kind][1 or 2]) a split uses
 
 CACHE_VERSION = 6
 
@@ -206,7 +217,7 @@ def sample_scene(
     background = tuple(int(v) for v in rng.integers(25, 95, size=3))
     scene = Scene(objects=objects, background=background)
     scene.captions = make_captions(scene, rng, num_captions)
-    scene.questions = make_questions(scene, rng)
+    scene.questions = make_questions(scene, rng, "val" if split == "val" else "test")
     return scene
 
 
@@ -350,16 +361,17 @@ def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int) -> 
 
 # ----------------------------------------------------------------------------- questions
 
-def _question(kind: str, answer: str, type: str, rng: np.random.Generator, **slots: str) -> Question:
-    """A question of ``kind`` in a random training wording, and the same question in held-out wording."""
-    train, heldout = QUESTION_WORDING[kind]
-    t, h = int(rng.integers(len(train))), int(rng.integers(len(heldout)))  # both drawn: one stream for both
-    return Question(train[t].format(**slots), answer, type, heldout[h].format(**slots))
+def make_questions(scene: Scene, rng: np.random.Generator, heldout: str = "test") -> list[Question]:
+    """One question of each type the scene allows, answers from the closed vocabulary ANSWERS, each also in
+    the ``heldout`` ("val" | "test") wording. Yes / no questions are true half the time; no question names a
+    held-out (color, shape) pair or (shape, cell) place."""
+    wording = 1 + HELDOUT_WORDINGS.index(heldout)
 
+    def _question(kind: str, answer: str, type: str, rng: np.random.Generator, **slots: str) -> Question:
+        train, held = QUESTION_WORDING[kind][0], QUESTION_WORDING[kind][wording]
+        t, h = int(rng.integers(len(train))), int(rng.integers(len(held)))  # both drawn: one stream for both
+        return Question(train[t].format(**slots), answer, type, held[h].format(**slots))
 
-def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
-    """One question of each type the scene allows, answers from the closed vocabulary ANSWERS. Yes / no
-    questions are true half the time; no question names a held-out (color, shape) pair or (shape, cell) place."""
     objs = scene.objects
     qs: list[Question] = []
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}

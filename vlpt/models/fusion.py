@@ -9,8 +9,6 @@ Every method has one interface, chosen by name with ``create_fusion(FusionConfig
 - gated:  σ(W_a [e_I, e_T]) · e_I + σ(W_b [e_I, e_T]) · e_T, vector gates   (out_dim D)
 - cross:  ALBEF-style: text tokens self-attend and cross-attend to image tokens, which carry their grid
           position; each head also reads out where it looked (out_dim cross_width)
-- relation: a relation network: an MLP scores every pair of image tokens (with their grid positions)
-          given the question; the mean over pairs goes through a second MLP (out_dim cross_width)
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ class FusionConfig:
     cross_layers: int = 2  # blocks of (self-attention, cross-attention, MLP)
     cross_heads: int = 4  # attention heads; must divide cross_width
     cross_where: bool = True  # cross only, with image_tokens: each cross-attention head adds where it looked
-    relation_width: int = 256  # relation only: width of the pair MLP g (its out_dim is cross_width)
     dropout: float = 0.0  # on the fused vector, and inside the cross-attention blocks
 
 
@@ -50,8 +47,6 @@ def create_fusion(config: FusionConfig) -> nn.Module:
         return GatedFusion(config)
     if config.method == "cross":
         return CrossAttentionFusion(config)
-    if config.method == "relation":
-        return RelationFusion(config)
     raise ValueError(f"unknown fusion method {config.method!r}; choose from {', '.join(FUSION_METHODS)}")
 
 
@@ -206,7 +201,6 @@ class CrossAttentionFusion(nn.Module):
     def __init__(self, config: FusionConfig):
         super().__init__()
         width = config.cross_width
-        self.out_dim = width
         self.text_in = nn.Linear(config.text_token_dim, width)  # (B, L, Ct) -> (B, L, W)
         self.image_in = nn.Linear(config.image_token_dim, width)  # (B, N, Ci) -> (B, N, W)
         # Where each image token sits (a CNN's feature map carries little of it; position and relation questions
@@ -223,6 +217,7 @@ class CrossAttentionFusion(nn.Module):
         self.register_buffer("image_coords", torch.cat([torch.zeros(1, 2), grid_coords(config.image_tokens)])
                              if where else None, persistent=False)
         self.ln_f = nn.LayerNorm(width)
+        self.out_dim = width
         self.drop = nn.Dropout(config.dropout)
         self.token_dims = (config.image_token_dim, config.text_token_dim)
 
@@ -256,78 +251,3 @@ class CrossAttentionFusion(nn.Module):
         pooled = (text * weights).sum(1) / weights.sum(1)  # (B, W); padded tokens drop out here too
         return self.drop(pooled)
 
-
-# ----------------------------------------------------------------------------- relation network
-
-class SelfBlock(nn.Module):
-    """Pre-LayerNorm Transformer block: self-attention, then MLP; each residual."""
-
-    def __init__(self, width: int, num_heads: int, dropout: float = 0.0):
-        super().__init__()
-        self.ln_attn = nn.LayerNorm(width)
-        self.attn = Attention(width, num_heads, dropout)
-        self.ln_mlp = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), mask=mask))
-        return x + self.drop(self.mlp(self.ln_mlp(x)))
-
-
-class RelationFusion(nn.Module):
-    """A relation network (Santoro et al. 2017, the model that answered Sort-of-CLEVR's relational questions):
-
-        q = question(text tokens, e_T)                    a self-attention block, pooled by a learned query
-        o_i = [LN(W tokens_I[i]), row_i, col_i]           every image token with its place in the grid
-        e = f( mean_ij g([o_i, o_j, q]) )                 g and f are MLPs; out_dim cross_width
-
-    Every ordered pair of places is compared under the question, so "is the red circle above the star?" is
-    one learned function of two objects and their coordinates, not something to find in a pooled vector.
-    """
-
-    def __init__(self, config: FusionConfig):
-        super().__init__()
-        if not config.image_tokens:
-            raise ValueError("relation fusion needs the image tower's token count (FusionConfig.image_tokens > 0)")
-        width, hidden = config.cross_width, config.relation_width
-        self.out_dim = width
-        self.text_in = nn.Linear(config.text_token_dim, width)
-        self.text_embed_in = nn.Linear(config.dim, width)
-        self.question = SelfBlock(width, config.cross_heads, config.dropout)
-        self.query = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
-        self.pool = Attention(width, config.cross_heads)
-        self.ln_q = nn.LayerNorm(width)
-        self.image_in = nn.Sequential(nn.Linear(config.image_token_dim, width), nn.LayerNorm(width))
-        self.register_buffer("coords", grid_coords(config.image_tokens), persistent=False)  # (N, 2)
-        # g's first layer on [o_i, o_j, q] is a sum of three linear maps: computed once per token, not per pair
-        self.g_first = nn.Linear(width + 2, hidden)
-        self.g_second = nn.Linear(width + 2, hidden, bias=False)
-        self.g_question = nn.Linear(width, hidden, bias=False)
-        self.g = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.f = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(config.dropout),
-                               nn.Linear(hidden, width))
-        self.token_dims = (config.image_token_dim, config.text_token_dim)
-
-    def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
-                image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if image_tokens is None or text_tokens is None:
-            raise ValueError("relation fusion needs image_tokens (B, N, Ci) and text_tokens (B, L, Ct): pass the "
-                             "towers' forward_features tokens, or use the concat | sum | gated methods")
-        if (image_tokens.shape[-1], text_tokens.shape[-1]) != self.token_dims:
-            raise ValueError(f"relation fusion was built for token widths (image, text) = {self.token_dims}, "
-                             f"got {(image_tokens.shape[-1], text_tokens.shape[-1])}")
-        if image_tokens.shape[1] != len(self.coords):
-            raise ValueError(f"relation fusion was built for {len(self.coords)} image tokens, got {image_tokens.shape[1]}")
-        B, L, _ = text_tokens.shape
-        if text_mask is None:
-            text_mask = torch.ones(B, L, dtype=torch.bool, device=text_tokens.device)
-        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=text_tokens.device), text_mask.bool()], dim=1)
-        text = torch.cat([self.text_embed_in(text_embed)[:, None], self.text_in(text_tokens)], dim=1)  # (B, 1+L, W)
-        text = self.question(text, mask)
-        q = self.ln_q(self.pool(self.query.expand(B, -1, -1), context=text, mask=mask)[:, 0])  # (B, W)
-        objects = torch.cat([self.image_in(image_tokens), self.coords.expand(B, -1, -1).to(text.dtype)], -1)
-        first, second = self.g_first(objects), self.g_second(objects)  # (B, N, G) each
-        pairs = first[:, :, None] + second[:, None, :] + self.g_question(q)[:, None, None]  # (B, N, N, G)
-        return self.f(self.g(pairs).mean(dim=(1, 2)))  # (B, W)

@@ -13,6 +13,7 @@ config) + ``model.safetensors`` (encoder, fusion and head weights) + ``tokenizer
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from vlpt.data.transforms import images_as_batch, tower_transform
 from vlpt.models.dual_encoder import (
     CONFIG_NAME,
     DualEncoder,
+    PooledCache,
     SavesPretrained,
     find_model_dir,
     load_weights,
@@ -90,7 +92,15 @@ class TaskModel(SavesPretrained, nn.Module):
                 self.head = VQAHead(self.fusion.out_dim, len(config.outputs))
         if config.freeze_towers:
             self.encoder.requires_grad_(False)
+        self.image_cache: PooledCache | None = None  # see enable_image_cache
         self.train(self.training)
+
+    def enable_image_cache(self, max_entries: int = 100_000) -> None:
+        """Memoise frozen towers' image features (tokens and embedding) per image, by its uint8 pixels' digest:
+        fine-tuning visits every image once per epoch, and a frozen tower gives the same features each time."""
+        if not self.config.freeze_towers:
+            raise ValueError("the image cache is only valid with frozen towers (freeze_towers)")
+        self.image_cache = PooledCache(max_entries)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -115,9 +125,22 @@ class TaskModel(SavesPretrained, nn.Module):
         enc = self.encoder
         if self.config.inputs == "question_only":  # blind baseline: every image is the same black square
             images = torch.zeros_like(images)
+        if self.image_cache is not None and images.dtype == torch.uint8:
+            keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
+            flat = self.image_cache.pooled(keys, lambda rows: self._image_features(images[rows]), images.device)
+            tokens, embed = flat[:, :-enc.config.embed_dim], flat[:, -enc.config.embed_dim:]
+            return {"image_tokens": tokens.reshape(len(images), enc.image_tower.num_tokens, -1), "image_embed": embed}
+        return self._image_features(images, flat=False)
+
+    def _image_features(self, images: torch.Tensor, flat: bool = True):
+        """The towers' image tokens and embedding: one (B, N * Ci + D) row per image when ``flat`` (the cache's)."""
+        enc = self.encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
             tokens, pooled = enc.image_tower.forward_features(images)  # (B, N, Ci), (B, C)
-            return {"image_tokens": tokens, "image_embed": F.normalize(enc.image_proj(pooled), dim=-1)}
+            embed = F.normalize(enc.image_proj(pooled), dim=-1)
+        if flat:
+            return torch.cat([tokens.flatten(1), embed], dim=1)
+        return {"image_tokens": tokens, "image_embed": embed}
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         enc = self.encoder

@@ -148,7 +148,7 @@ def task_split(config: RunConfig, split: str, cache_dir=None):
 def load_task_data(config: RunConfig, cache_dir=None) -> TaskData:
     """Fine-tuning and test sets of the run's task (``train.task``: classify | match | vqa)."""
     spec = FINETUNE_TASKS[config.train.task]
-    train, test = task_split(config, "train", cache_dir), task_split(config, "test", cache_dir)
+    train, test = task_split(config, "train", cache_dir), task_split(config, config.finetune.eval_split, cache_dir)
     return TaskData(train.images, test, spec.outputs(config), train_scenes=getattr(train, "scenes", []),
                     train_labels=train.labels)
 
@@ -270,7 +270,7 @@ class Classify(FineTune):
         return data_parallel(ClassifyTask(model), env, device)
 
     def evaluate(self, model: TaskModel, config: RunConfig, run_dir: Path, cache_dir: Path | None) -> EvalResult:
-        test = task_split(config, "test", cache_dir)
+        test = task_split(config, config.finetune.eval_split, cache_dir)
         return evaluate_classifier(model, test.images, test.labels, config.eval.batch_size)
 
 
@@ -287,12 +287,14 @@ class VQA(FineTune):
                                           t.seed, config.finetune.question_noise), env)
 
     def objective(self, config: RunConfig, model: TaskModel, env: DistributedEnv, device: torch.device):
+        if model.config.freeze_towers:
+            model.enable_image_cache()  # every epoch shows the frozen towers the same images
         return data_parallel(VQATask(model), env, device)
 
     def evaluate(self, model: TaskModel, config: RunConfig, run_dir: Path, cache_dir: Path | None) -> EvalResult:
         """Test scenes in training and held-out wording, and scenes showing held-out (color, shape) pairs
         (the compositional split) as a separate set, every figure per question type."""
-        test = task_split(config, "test", cache_dir)
+        test = task_split(config, config.finetune.eval_split, cache_dir)
         answered = answer_questions(model, test.images, test.scenes, config.eval.batch_size)
         metrics = vqa_metrics(answered) | vqa_metrics(answer_questions(
             model, test.images, test.scenes, config.eval.batch_size, wording="heldout"), suffix="_heldout_wording")
@@ -316,7 +318,7 @@ class Match(FineTune):
         return data_parallel(MatchTask(model, env.rank, env.world_size), env, device)
 
     def evaluate(self, model: TaskModel, config: RunConfig, run_dir: Path, cache_dir: Path | None) -> EvalResult:
-        test = task_split(config, "test", cache_dir)
+        test = task_split(config, config.finetune.eval_split, cache_dir)
         return EvalResult(evaluate_matching(model, test.images, test.scenes, config.eval.batch_size))
 
 
