@@ -209,8 +209,9 @@ def test_cross_image_positions_tell_token_order_apart():
 
 def test_cross_where_readout_reports_where_attention_looked():
     """Each cross-attention head adds a projection of the attention-weighted (row, column) of the image tokens it
-    looked at: with identical image tokens, moving the one distinct token moves the output; without the readout
-    (and without position embeddings) attention cannot tell the places apart."""
+    looked at (and, after the first block, its offset from the previous look; pooled, the looks signed by word
+    order): moving the one distinct image token moves the output; without the readouts (and without position
+    embeddings) attention cannot tell the places apart."""
     torch.manual_seed(0)
     fusion = create_fusion(_config("cross", image_tokens=4)).eval()  # a 2 x 2 grid
     assert fusion.image_coords.tolist() == [[0, 0], [-1, -1], [-1, 1], [1, -1], [1, 1]]
@@ -221,9 +222,11 @@ def test_cross_where_readout_reports_where_attention_looked():
     a = fusion(**dict(inputs, image_tokens=tokens))
     b = fusion(**dict(inputs, image_tokens=moved))
     assert (a - b).abs().max() > 1e-3 * a.abs().max()
-    with torch.no_grad():
-        for block in fusion.blocks:
-            block.cross_attn.where.weight.zero_()
-            block.cross_attn.where.bias.zero_()
+    with torch.no_grad():  # every path by which a place enters the output
+        readouts = [fusion.signed_where] + [b.cross_attn.where for b in fusion.blocks] + \
+            [b.cross_attn.where_relative for b in fusion.blocks if b.cross_attn.where_relative is not None]
+        for readout in readouts:
+            for p in readout.parameters():
+                p.zero_()
         fusion.image_pos.zero_()
     assert_close_to_scale(fusion(**dict(inputs, image_tokens=tokens)), fusion(**dict(inputs, image_tokens=moved)))

@@ -8,7 +8,8 @@ Every method has one interface, chosen by name with ``create_fusion(FusionConfig
 - sum:    e_I + e_T                                   (out_dim D)
 - gated:  σ(W_a [e_I, e_T]) · e_I + σ(W_b [e_I, e_T]) · e_T, vector gates   (out_dim D)
 - cross:  ALBEF-style: text tokens self-attend and cross-attend to image tokens, which carry their grid
-          position; each head also reads out where it looked (out_dim cross_width)
+          position; each head also reads out where it looked, and the looks of the question's first
+          and last words enter the output with opposite signs (out_dim cross_width)
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ class Attention(nn.Module):
     head also reports where it looked: the attention-weighted coordinates of the context tokens, projected and
     added to the output, so "where is the red circle?" and "is it above the star?" read positions directly."""
 
-    def __init__(self, width: int, num_heads: int, dropout: float = 0.0, where: bool = False):
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0, where: bool = False,
+                 relative: bool = False):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"cross_heads ({num_heads}) must divide cross_width ({width})")
@@ -144,12 +146,21 @@ class Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
         self.where = nn.Linear(2 * num_heads, width) if where else None
+        self.where_relative = nn.Linear(2 * num_heads, width, bias=False) if where and relative else None
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                coords: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, W), context (B, S, W), mask (B, S) bool: True for keys that may be attended to;
-        coords (S, 2): each context token's (row, column) in [-1, 1] (read when built with ``where``)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (B, L, W), context (B, S, W), mask (B, S) bool: True for keys that may be attended to -> (B, L, W)."""
+        return self.attend(x, context, mask)[0]
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               coords: torch.Tensor | None = None, origin: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``, and where each head looked. x (B, L, W), context (B, S, W), mask (B, S);
+        coords (S, 2): each context token's (row, column) in [-1, 1] (read when built with ``where``);
+        origin (B, L, h, 2): where each head looked in an earlier block (read when built ``relative``).
+        Returns the output (B, L, W) and where each head looked (B, L, h, 2), None without ``where``."""
         context = x if context is None else context
         B, L, W = x.shape
         h = self.num_heads
@@ -160,34 +171,41 @@ class Attention(nn.Module):
         if self.where is None or coords is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, h, L, W/h)
-            return self.out(y.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
+            return self.out(y.transpose(1, 2).reshape(B, L, W)), None  # (B, L, W)
         scores = q @ k.transpose(-1, -2) / math.sqrt(W // h)  # (B, h, L, S)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         weights = scores.softmax(-1)
         y = F.dropout(weights, self.dropout, self.training) @ v  # (B, h, L, W/h)
-        looked = (weights @ coords.to(weights.dtype)).transpose(1, 2).reshape(B, L, 2 * h)  # (B, L, 2h)
-        return self.out(y.transpose(1, 2).reshape(B, L, W)) + self.where(looked)  # (B, L, W)
+        looked = (weights @ coords.to(weights.dtype)).transpose(1, 2)  # (B, L, h, 2)
+        out = self.out(y.transpose(1, 2).reshape(B, L, W)) + self.where(looked.reshape(B, L, 2 * h))
+        if self.where_relative is not None and origin is not None:  # "is it above what I found before?"
+            out = out + self.where_relative((looked - origin).reshape(B, L, 2 * h))
+        return out, looked  # (B, L, W), (B, L, h, 2)
 
 
 class CrossBlock(nn.Module):
     """Pre-LayerNorm block: self-attention over text, cross-attention text -> image, MLP; each residual."""
 
-    def __init__(self, width: int, num_heads: int, dropout: float = 0.0, where: bool = False):
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0, where: bool = False,
+                 relative: bool = False):
         super().__init__()
         self.ln_self = nn.LayerNorm(width)
         self.self_attn = Attention(width, num_heads, dropout)
         self.ln_cross = nn.LayerNorm(width)
-        self.cross_attn = Attention(width, num_heads, dropout, where)
+        self.cross_attn = Attention(width, num_heads, dropout, where, relative)
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, text: torch.Tensor, image: torch.Tensor, text_mask: torch.Tensor,
-                image_coords: torch.Tensor | None = None) -> torch.Tensor:
+                image_coords: torch.Tensor | None = None, origin: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text tokens after the block (B, L, W), and where its cross-attention looked (see Attention)."""
         text = text + self.drop(self.self_attn(self.ln_self(text), mask=text_mask))  # (B, L, W)
-        text = text + self.drop(self.cross_attn(self.ln_cross(text), context=image, coords=image_coords))  # (B, L, W)
-        return text + self.drop(self.mlp(self.ln_mlp(text)))  # (B, L, W)
+        seen, looked = self.cross_attn.attend(self.ln_cross(text), image, coords=image_coords, origin=origin)
+        text = text + self.drop(seen)  # (B, L, W)
+        return text + self.drop(self.mlp(self.ln_mlp(text))), looked  # (B, L, W)
 
 
 class CrossAttentionFusion(nn.Module):
@@ -211,12 +229,16 @@ class CrossAttentionFusion(nn.Module):
         self.text_embed_in = nn.Linear(config.dim, width)
         self.image_embed_in = nn.Linear(config.dim, width)
         where = config.cross_where and config.image_tokens > 0
-        self.blocks = nn.ModuleList(CrossBlock(width, config.cross_heads, config.dropout, where)
-                                    for _ in range(config.cross_layers))
+        self.blocks = nn.ModuleList(CrossBlock(width, config.cross_heads, config.dropout, where, relative=k > 0)
+                                    for k in range(config.cross_layers))
         # (row, column) in [-1, 1] of the global image token (the centre) and of each image token
         self.register_buffer("image_coords", torch.cat([torch.zeros(1, 2), grid_coords(config.image_tokens)])
                              if where else None, persistent=False)
         self.ln_f = nn.LayerNorm(width)
+        # Order-signed where: each block's looks, weighted by where the looking token stands in the text (-1 first
+        # ... +1 last) and averaged. "Is the red circle above the star?" then reads (star's place - circle's place)
+        # off one linear feature, where a plain average of the two places would hold no hint of which is which.
+        self.signed_where = nn.Linear(2 * config.cross_heads * config.cross_layers, width) if where else None
         self.out_dim = width
         self.drop = nn.Dropout(config.dropout)
         self.token_dims = (config.image_token_dim, config.text_token_dim)
@@ -244,10 +266,17 @@ class CrossAttentionFusion(nn.Module):
                                  f"got {image_tokens.shape[1]}")
             image_tokens = image_tokens + self.image_pos
         image = torch.cat([self.image_embed_in(image_embed)[:, None], image_tokens], dim=1)  # (B, 1+N, W)
-        for block in self.blocks:
-            text = block(text, image, mask, self.image_coords)  # (B, 1+L, W)
+        looks, looked = [], None
+        for block in self.blocks:  # later blocks also see positions relative to the previous block's look
+            text, looked = block(text, image, mask, self.image_coords, looked)  # (B, 1+L, W)
+            looks.append(looked)
         text = self.ln_f(text)
         weights = mask.unsqueeze(-1).to(text.dtype)  # (B, 1+L, 1)
         pooled = (text * weights).sum(1) / weights.sum(1)  # (B, W); padded tokens drop out here too
+        if self.signed_where is not None:
+            index = weights.cumsum(1) - 1  # (B, 1+L, 1): 0 .. length-1 over the real tokens
+            order = 2 * index / (weights.sum(1, keepdim=True) - 1).clamp_min(1) - 1  # -1 (first) .. +1 (last)
+            looked = torch.cat(looks, dim=2).flatten(2)  # (B, 1+L, 2 h layers)
+            pooled = pooled + self.signed_where((looked * order * weights).sum(1) / weights.sum(1))
         return self.drop(pooled)
 
