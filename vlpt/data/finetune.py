@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from vlpt.data import shapes
-from vlpt.data.pairs import epoch_batch, nonsense_words, random_shift, step_generator, token_rows
+from vlpt.data.pairs import epoch_batch, nonsense_words, random_shift, random_word, step_generator, token_rows
 from vlpt.tokenization import Tokenizer
 
 
@@ -68,7 +68,7 @@ def other_frame_word(question: str, rng: np.random.Generator) -> str:
     frame = [i for i, w in enumerate(words) if w.strip("?.") not in CONTENT_WORDS]
     if frame and rng.random() < 0.5:
         i = frame[int(rng.integers(len(frame)))]
-        words[i] = "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(3, 9))))
+        words[i] = random_word(rng)
     return " ".join(words)
 
 

@@ -43,9 +43,14 @@ def nonsense_words(text: str, rng: np.random.Generator, most: int = 3) -> str:
     unknown word out in character pieces, which mean pooling would otherwise weigh like the class name)."""
     words = text.split()
     for _ in range(int(rng.integers(1, most + 1))):
-        word = "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(3, 9))))
+        word = random_word(rng)
         words.insert(int(rng.integers(0, len(words) + 1)), word)
     return " ".join(words)
+
+
+def random_word(rng: np.random.Generator) -> str:
+    """A random string of 3-8 lowercase letters: a word no tokenizer vocabulary has learned."""
+    return "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(3, 9))))
 
 
 class PairBatches:

@@ -3,6 +3,7 @@ question type, and image-text matching against swapped, hard and random false ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,19 +73,22 @@ class AnsweredQuestions:
 
 
 def answer_questions(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256,
-                     wording: str = "train") -> AnsweredQuestions:
-    """The model's answer to every question of the scenes, as many of each type (the rarest type's count),
-    in training or held-out ``wording``."""
+                     wordings: Sequence[str] = ("train",)) -> list[AnsweredQuestions]:
+    """The model's answers to every question of the scenes, as many of each type (the rarest type's count),
+    once per wording ("train" or "heldout"); the images go through the towers once for all wordings."""
     model.eval()
-    questions, owner, answers, types = flatten_questions(scenes, wording)
-    rows = balanced_rows(types, oversample=False)
-    questions, owner, answers, types = [questions[i] for i in rows], owner[rows], answers[rows], types[rows]
     image_features = _encode_images(model, images, batch_size)
-    text_features = _encode_texts(model, questions, batch_size)
-    logits = pair_logits(model, image_features, text_features, torch.from_numpy(owner),
-                         torch.arange(len(questions)), batch_size)
-    predicted = np.array([shapes.ANSWERS.index(model.config.outputs[i]) for i in logits.argmax(-1).tolist()])
-    return AnsweredQuestions(questions, owner, predicted, answers, types)
+    out = []
+    for wording in wordings:
+        questions, owner, answers, types = flatten_questions(scenes, wording)
+        rows = balanced_rows(types, oversample=False)
+        questions, owner, answers, types = [questions[i] for i in rows], owner[rows], answers[rows], types[rows]
+        text_features = _encode_texts(model, questions, batch_size)
+        logits = pair_logits(model, image_features, text_features, torch.from_numpy(owner),
+                             torch.arange(len(questions)), batch_size)
+        predicted = np.array([shapes.ANSWERS.index(model.config.outputs[i]) for i in logits.argmax(-1).tolist()])
+        out.append(AnsweredQuestions(questions, owner, predicted, answers, types))
+    return out
 
 
 def vqa_metrics(answered: AnsweredQuestions, prefix: str = "vqa_", suffix: str = "") -> dict[str, float]:
@@ -92,12 +96,6 @@ def vqa_metrics(answered: AnsweredQuestions, prefix: str = "vqa_", suffix: str =
     metrics = vqa_accuracy(answered.predicted, answered.answers, answered.types, shapes.QUESTION_TYPES, prefix)
     metrics[f"{prefix}questions"] = len(answered.questions)
     return {f"{key}{suffix}": value for key, value in metrics.items()}
-
-
-def evaluate_vqa(model: TaskModel, images: np.ndarray, scenes: list[shapes.Scene], batch_size: int = 256,
-                 wording: str = "train") -> dict[str, float]:
-    """Accuracy over the scenes' questions (type-balanced), overall and per question type."""
-    return vqa_metrics(answer_questions(model, images, scenes, batch_size, wording))
 
 
 def vqa_examples_figure(images: np.ndarray, answered: AnsweredQuestions, path: Path, count: int = 12,

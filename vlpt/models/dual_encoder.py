@@ -56,6 +56,11 @@ def projection(kind: str, width: int, embed_dim: int, tower: str) -> nn.Module:
     return nn.Linear(width, embed_dim, bias=kind == "linear_bias")
 
 
+def pixel_digests(images: torch.Tensor) -> list[bytes]:
+    """A cache key per image: the digest of its pixels."""
+    return [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
+
+
 class PooledCache:
     """A locked tower's pooled outputs memoised by a key per input row (token ids, or an image's pixel digest):
     each distinct input goes through the tower once; at ``limit`` entries the cache starts over."""
@@ -148,7 +153,7 @@ class DualEncoder(SavesPretrained, nn.Module):
         any), computed with the activations in cache. In train mode BatchNorm needs the whole batch."""
         chunk = self.encode_chunk_size if self._chunks_pay(self.image_tower, images.device) else 0
         if self.image_cache is not None and images.dtype == torch.uint8:
-            keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
+            keys = pixel_digests(images)
             pooled = self.image_cache.pooled(keys, lambda rows: in_row_chunks(
                 self.image_tower.forward_pooled, chunk, images[rows]), images.device)  # (B, C)
         else:

@@ -13,7 +13,6 @@ config) + ``model.safetensors`` (encoder, fusion and head weights) + ``tokenizer
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from vlpt.models.dual_encoder import (
     SavesPretrained,
     find_model_dir,
     load_weights,
+    pixel_digests,
     read_model_config,
     read_tokenizer,
     write_model_files,
@@ -126,8 +126,8 @@ class TaskModel(SavesPretrained, nn.Module):
         if self.config.inputs == "question_only":  # blind baseline: every image is the same black square
             images = torch.zeros_like(images)
         if self.image_cache is not None and images.dtype == torch.uint8:
-            keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest() for row in images]
-            flat = self.image_cache.pooled(keys, lambda rows: self._image_features(images[rows]), images.device)
+            flat = self.image_cache.pooled(pixel_digests(images), lambda rows: self._image_features(images[rows]),
+                                           images.device)
             tokens, embed = flat[:, :-enc.config.embed_dim], flat[:, -enc.config.embed_dim:]
             return {"image_tokens": tokens.reshape(len(images), enc.image_tower.num_tokens, -1), "image_embed": embed}
         return self._image_features(images, flat=False)

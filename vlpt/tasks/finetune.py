@@ -295,12 +295,12 @@ class VQA(FineTune):
         """Test scenes in training and held-out wording, and scenes showing held-out (color, shape) pairs
         (the compositional split) as a separate set, every figure per question type."""
         test = task_split(config, config.finetune.eval_split, cache_dir)
-        answered = answer_questions(model, test.images, test.scenes, config.eval.batch_size)
-        metrics = vqa_metrics(answered) | vqa_metrics(answer_questions(
-            model, test.images, test.scenes, config.eval.batch_size, wording="heldout"), suffix="_heldout_wording")
+        answered, heldout = answer_questions(model, test.images, test.scenes, config.eval.batch_size,
+                                             ("train", "heldout"))
+        metrics = vqa_metrics(answered) | vqa_metrics(heldout, suffix="_heldout_wording")
         compositional = task_split(config, "compositional", cache_dir)
-        metrics |= vqa_metrics(answer_questions(model, compositional.images, compositional.scenes,
-                                                config.eval.batch_size), prefix="vqa_compositional_")
+        [unseen_pairs] = answer_questions(model, compositional.images, compositional.scenes, config.eval.batch_size)
+        metrics |= vqa_metrics(unseen_pairs, prefix="vqa_compositional_")
         figure = vqa_examples_figure(test.images, answered, run_dir / "vqa_examples.png")
         return EvalResult(metrics, images={"Questions, answers and the truth (failures included)": figure})
 
