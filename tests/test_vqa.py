@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tests.conftest import assert_close_to_scale, tiny_model_config
 from vlpt.data import shapes
-from vlpt.data.finetune import QuestionBatches, balanced_rows, flatten_questions
+from vlpt.data.finetune import QuestionBatches, balanced_rows, flatten_questions, noisy_questions
 from vlpt.factory import create_model
 from vlpt.models.fusion import FusionConfig
 from vlpt.models.task_model import TaskModel, TaskModelConfig
@@ -163,6 +163,28 @@ def test_question_types_are_balanced_in_training_and_test():
     raw = np.bincount(flatten_questions(data.scenes)[3], minlength=len(shapes.QUESTION_TYPES))
     assert raw.max() > 1.5 * raw.min()  # relation questions need two objects: rarer in the raw data ...
     assert seen.max() < 1.3 * seen.min(), seen  # ... but not in training batches
+
+
+def test_noisy_questions_fit_the_context_and_keep_every_content_word():
+    """Nonsense words are spelled out in character pieces: a noisy twin that ran past the tokenizer's context
+    would be cut short, and "is the red circle above the blue square?" would lose the square (and its answer)."""
+    scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=300))
+    questions, _, _, types = flatten_questions(scenes)
+    # a caption-trained vocabulary: the question words are whole tokens, nonsense words fall apart
+    tokenizer = create_model(tiny_model_config(), corpus=questions).tokenizer
+    noisy = noisy_questions(questions, tokenizer, np.random.default_rng(0))
+    clean_lengths, noisy_lengths = tokenizer.lengths(questions), tokenizer.lengths(noisy)
+    assert noisy_lengths.max() <= tokenizer.context_length < 50 and clean_lengths.max() < tokenizer.context_length
+    assert np.mean(noisy_lengths > clean_lengths) > 0.9  # nearly every twin is noisy ...
+    relation = types == shapes.QUESTION_TYPES.index("relation")
+    assert np.mean(noisy_lengths[relation] - clean_lengths[relation]) > 5  # ... by whole spelled-out words
+    content = set(shapes.COLOR_NAMES) | set(shapes.SHAPES) | {"above", "below", "left", "right"}
+    for clean, twin in zip(questions, noisy):  # every word that carries the question survives, in order
+        kept = [w.strip("?.") for w in clean.split() if w.strip("?.") in content]
+        assert [w.strip("?.") for w in twin.split() if w.strip("?.") in content] == kept, (clean, twin)
+    long = ["is the red circle above the blue square?"] * 200  # as long as noise can make it: still fits
+    assert tokenizer.lengths(noisy_questions(long, tokenizer, np.random.default_rng(1))).max() \
+        <= tokenizer.context_length
 
 
 def _vqa_model(inputs: str) -> TaskModel:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
@@ -124,6 +125,11 @@ class Tokenizer:
         enc = self.hf(list(texts), padding=padding, truncation=True, max_length=self.context_length,
                       return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def lengths(self, texts: Sequence[str]) -> np.ndarray:
+        """Each text's token count with special tokens and without truncation: more than ``context_length``
+        means the tokenizer would cut the text short."""
+        return np.array([len(ids) for ids in self.hf(list(texts), truncation=False)["input_ids"]], np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

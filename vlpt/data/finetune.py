@@ -80,12 +80,25 @@ def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
     return np.sort(np.concatenate([np.resize(g, size) for g in groups]))
 
 
+def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.random.Generator) -> list[str]:
+    """Each question's noisy twin: one frame word replaced half the time (``other_frame_word``) and 1-3 nonsense
+    words inserted (``nonsense_words``), with fewer nonsense words where the twin would not fit the tokenizer's
+    context (a nonsense word is spelled out in up to 8 character pieces; cut short, "is the red circle above the
+    blue square?" loses the square and its answer becomes a guess). Falls back to the clean question."""
+    framed = [other_frame_word(q, rng) for q in questions]
+    noisy = [nonsense_words(q, rng) for q in framed]
+    for fallback in (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i]):
+        too_long = np.flatnonzero(tokenizer.lengths(noisy) > tokenizer.context_length)
+        for i in too_long:
+            noisy[i] = fallback(i)
+    return noisy
+
+
 class QuestionBatches:
     """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; question types are balanced
     (rarer types repeated) and an epoch visits every balanced row once. With ``noise`` > 0 that fraction of
-    the questions come with 1-3 nonsense words inserted (``nonsense_words``) and, half of those, one frame word
-    replaced (``other_frame_word``), so the model learns to answer from the words that matter and wording it
-    has never seen passes."""
+    the questions come as their noisy twins (``noisy_questions``: nonsense words inserted, a frame word
+    replaced), so the model learns to answer from the words that matter and wording it has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
                  batch_size: int, seed: int, noise: float = 0.0):
@@ -97,7 +110,7 @@ class QuestionBatches:
         self.rows, self.count, self.noise = rows, len(questions), noise
         if noise > 0:  # every question's noisy twin, tokenized once, rows after the clean ones
             rng = np.random.default_rng([seed, 4242])
-            questions = questions + [nonsense_words(other_frame_word(q, rng), rng) for q in questions]
+            questions = questions + noisy_questions(questions, tokenizer, rng)
         tokens = tokenizer(questions)
         self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
         self.batch_size, self.seed = batch_size, seed
