@@ -255,3 +255,34 @@ def test_frozen_towers_image_cache_gives_the_same_features():
         assert torch.equal(again[key], first[key][[2, 0]])
     with pytest.raises(ValueError, match="frozen towers"):
         _vqa_model("both").enable_image_cache()
+
+
+def test_word_codes_go_to_the_named_whole_words_only_train_and_survive_saving(tmp_path):
+    """The cross fusion's own embeddings for the words an answer turns on: only those words' tokens get one
+    (frame words keep the tower's features alone), they train with frozen towers, and save -> load keeps them."""
+    torch.manual_seed(0)
+    corpus = ["is the red circle above the blue square?", "where is the star?", "is it below?"]
+    encoder = create_model(tiny_model_config(), corpus=corpus)
+    config = TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross"), outputs=list(shapes.ANSWERS),
+                             freeze_towers=True, word_codes=["above", "below", "red", "zqxjv"])
+    model = TaskModel(config, encoder)
+    vocab = encoder.tokenizer.hf.get_vocab()
+    coded = {t for t, i in vocab.items() if model.code_index[i] > 0}
+    assert coded == {"above", "below", "red"}  # "zqxjv" is spelled in pieces: left out
+    assert model.code_index.unique().numel() == 4  # three distinct codes and "none"
+    tokens = model.tokenizer(["is the red circle above the blue square?", "is the red circle below the blue square?"])
+    frozen = model.encoder.text_tower.forward_features(tokens["input_ids"], tokens["attention_mask"])[0]
+    added = model.encode_texts(tokens["input_ids"], tokens["attention_mask"])["text_tokens"] - frozen
+    is_coded = model.code_index[tokens["input_ids"]] > 0
+    assert torch.equal(added[~is_coded], torch.zeros_like(added[~is_coded]))  # frame words: the tower alone
+    assert added[is_coded].abs().min() > 0
+    assert (added[0] - added[1]).abs().sum() > 0  # "above" and "below" now differ by their codes
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    loss = model(images, tokens["input_ids"], tokens["attention_mask"]).logsumexp(-1).sum()
+    loss.backward()
+    assert model.word_code.weight.grad[1:].abs().sum() > 0 and model.word_code.weight.grad[0].abs().sum() == 0
+    model.save_pretrained(tmp_path / "vqa")
+    loaded = TaskModel.from_pretrained(tmp_path / "vqa")
+    assert torch.equal(loaded.code_index, model.code_index)
+    assert_close_to_scale(loaded.predict(images, ["is the red circle above the blue square?"] * 2),
+                          model.predict(images, ["is the red circle above the blue square?"] * 2))

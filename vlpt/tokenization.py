@@ -131,6 +131,11 @@ class Tokenizer:
         means the tokenizer would cut the text short."""
         return np.array([len(ids) for ids in self.hf(list(texts), truncation=False)["input_ids"]], np.int64)
 
+    def single_token_ids(self, words: Sequence[str]) -> list[int]:
+        """The token id of each word that the vocabulary holds whole (one token); words spelled in pieces are left out."""
+        pieces = self.hf(list(words), add_special_tokens=False)["input_ids"]
+        return sorted({ids[0] for ids in pieces if len(ids) == 1})
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 

@@ -60,6 +60,13 @@ CONTENT_WORDS = frozenset(
     + [w for phrase in (*shapes.RELATIONS, *shapes.POSITION_PHRASES) for w in phrase.split()]
     + ["color", "shape", "shapes", "size", "many", "where", "there"])
 
+# The words that name what a question is about: objects (color, shape), places and relations. Each gets a trainable
+# code in the cross fusion (TaskModelConfig.word_codes). Words that only frame a question ("where", "how many",
+# "small or large", ...) do not, so a question's kind is read from the tower's features alone and unseen wording
+# ("how big is ...?") reads as the tower reads it.
+CODED_WORDS = frozenset(w for phrase in (*shapes.COLOR_NAMES, *shapes.SHAPES, *shapes.POSITIONS, *shapes.RELATIONS)
+                        for w in phrase.split() if w not in ("to", "the", "of"))
+
 
 def other_frame_word(question: str, rng: np.random.Generator) -> str:
     """``question`` with one frame word (not in CONTENT_WORDS) replaced by a random letter string, half the

@@ -51,6 +51,11 @@ class TaskModelConfig:
     outputs: list[str] = field(default_factory=list)  # class names (classify) or answers (vqa); match: []
     head_hidden: int | None = None  # classify: MLP hidden width; None: linear
     freeze_towers: bool = False  # the encoder stays frozen (eval mode, no gradients)
+    # Cross fusion: words whose tokens get a trainable embedding of the fusion's own (random start), added to the
+    # text tower's tokens. A contrastively trained tower may blur words a task turns on ("A above B" and "B below A"
+    # caption one scene, so "above" and "below" come out near-synonyms); frame words keep the tower's features only,
+    # so unseen wording still reads as the tower reads it. Words the vocabulary spells in pieces are left out.
+    word_codes: list[str] = field(default_factory=list)
     inputs: str = "both"  # both | question_only (every image replaced by a constant) | image_only (every text
     #                       replaced by a constant): the blind baselines that show what each input contributes
     encoder: ModelConfig = field(default_factory=ModelConfig)
@@ -90,6 +95,15 @@ class TaskModel(SavesPretrained, nn.Module):
                 self.head = MatchingHead(self.fusion.out_dim)
             else:
                 self.head = VQAHead(self.fusion.out_dim, len(config.outputs))
+        self.register_buffer("code_index", None, persistent=False)  # (vocab,) token id -> row of word_code (0: none)
+        if config.word_codes and config.fusion.method == "cross" and config.task != "classify":
+            ids = encoder.tokenizer.single_token_ids(config.word_codes)
+            index = torch.zeros(encoder.tokenizer.vocab_size, dtype=torch.long)
+            index[ids] = torch.arange(1, len(ids) + 1)
+            self.code_index = index  # rebuilt from the config on loading
+            self.word_code = nn.Embedding(len(ids) + 1, self.fusion.token_dims[1], padding_idx=0)
+            with torch.no_grad():  # at half the scale of the tower's (LayerNorm-ed) tokens
+                self.word_code.weight.normal_(0, 0.5)[0].zero_()
         if config.freeze_towers:
             self.encoder.requires_grad_(False)
         self.image_cache: PooledCache | None = None  # see enable_image_cache
@@ -148,8 +162,10 @@ class TaskModel(SavesPretrained, nn.Module):
             input_ids, attention_mask = input_ids[:, :1], attention_mask[:, :1]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
             tokens, pooled = enc.text_tower.forward_features(input_ids, attention_mask)  # (B, L, Ct), (B, C)
-            return {"text_tokens": tokens, "text_mask": attention_mask.bool(),
-                    "text_embed": F.normalize(enc.text_proj(pooled), dim=-1)}
+            embed = F.normalize(enc.text_proj(pooled), dim=-1)
+        if self.code_index is not None:
+            tokens = tokens + self.word_code(self.code_index[input_ids])  # (B, L, Ct)
+        return {"text_tokens": tokens, "text_mask": attention_mask.bool(), "text_embed": embed}
 
     def fuse(self, features: dict[str, torch.Tensor], image_index: torch.Tensor | None = None,
              text_index: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vlpt.config import RunConfig, load_config
 from vlpt.data import digits, fashion, shapes
-from vlpt.data.finetune import ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
+from vlpt.data.finetune import CODED_WORDS, ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
 from vlpt.data.splits import applies, load_split
 from vlpt.evaluate.finetune import (
     answer_questions,
@@ -174,7 +174,8 @@ def build_task_model(config: RunConfig, data: TaskData, tokenizer: Tokenizer | N
     fusion = FusionConfig(method=ft.fusion, cross_width=ft.cross_width, cross_layers=ft.cross_layers,
                           cross_heads=ft.cross_heads, cross_where=ft.cross_where)
     task_config = TaskModelConfig(task=config.train.task, fusion=fusion, outputs=data.outputs,
-                                  head_hidden=ft.head_hidden, freeze_towers=ft.freeze_towers, inputs=ft.inputs)
+                                  head_hidden=ft.head_hidden, freeze_towers=ft.freeze_towers, inputs=ft.inputs,
+                                  word_codes=sorted(CODED_WORDS) if config.train.task == "vqa" and ft.word_codes else [])
     model = TaskModel(task_config, encoder)
     if ft.init_head not in ("zero_shot", "random"):
         raise ValueError(f"unknown finetune.init_head {ft.init_head!r}; choose from zero_shot, random")
