@@ -281,7 +281,7 @@ class FinetuneConfig:
     cross_heads: int = checked(4, at_least(1))  # must divide cross_width
     cross_where: bool = True  # cross fusion: each cross-attention head also reads the (row, column) it attended to
     question_noise: float = checked(0.5, between(0, 1))  # vqa: odds a training question gets 1-3 nonsense words (robust to unseen wording)
-    word_codes: bool = True  # vqa, cross fusion: the words naming objects, places and relations get trainable embeddings of the fusion's own (TaskModelConfig.word_codes)
+    word_codes: bool = True  # vqa, cross fusion: the relation words (above, below, left, right) get trainable embeddings of the fusion's own (TaskModelConfig.word_codes)
     inputs: str = checked("both", one_of(FINETUNE_INPUTS))  # match / vqa: both | question_only | image_only (blind baselines)
 
 
