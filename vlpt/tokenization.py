@@ -132,9 +132,10 @@ class Tokenizer:
         return np.array([len(ids) for ids in self.hf(list(texts), truncation=False)["input_ids"]], np.int64)
 
     def single_token_ids(self, words: Sequence[str]) -> list[int]:
-        """The token id of each word that the vocabulary holds whole (one token); words spelled in pieces are left out."""
+        """The token id of each word that the vocabulary holds whole (one token); words spelled in pieces, or not
+        at all (the unknown token), are left out."""
         pieces = self.hf(list(words), add_special_tokens=False)["input_ids"]
-        return sorted({ids[0] for ids in pieces if len(ids) == 1})
+        return sorted({ids[0] for ids in pieces if len(ids) == 1 and ids[0] != self.hf.unk_token_id})
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

@@ -173,9 +173,10 @@ def build_task_model(config: RunConfig, data: TaskData, tokenizer: Tokenizer | N
     torch.manual_seed(config.train.seed)  # fusion and head initialisation
     fusion = FusionConfig(method=ft.fusion, cross_width=ft.cross_width, cross_layers=ft.cross_layers,
                           cross_heads=ft.cross_heads, cross_where=ft.cross_where)
+    coded = config.train.task == "vqa" and ft.fusion == "cross" and ft.word_codes  # only cross fusion reads tokens
     task_config = TaskModelConfig(task=config.train.task, fusion=fusion, outputs=data.outputs,
                                   head_hidden=ft.head_hidden, freeze_towers=ft.freeze_towers, inputs=ft.inputs,
-                                  word_codes=sorted(CODED_WORDS) if config.train.task == "vqa" and ft.word_codes else [])
+                                  word_codes=sorted(CODED_WORDS) if coded else [])
     model = TaskModel(task_config, encoder)
     if ft.init_head not in ("zero_shot", "random"):
         raise ValueError(f"unknown finetune.init_head {ft.init_head!r}; choose from zero_shot, random")
