@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tests.conftest import assert_close_to_scale, tiny_model_config
 from vlpt.data import shapes
-from vlpt.data.finetune import QuestionBatches, balanced_rows, flatten_questions, noisy_questions
+from vlpt.data.finetune import LEAD_INS, QuestionBatches, balanced_rows, flatten_questions, noisy_questions
 from vlpt.factory import create_model
 from vlpt.models.fusion import FusionConfig
 from vlpt.models.task_model import TaskModel, TaskModelConfig
@@ -163,6 +163,12 @@ def test_question_types_are_balanced_in_training_and_test():
     raw = np.bincount(flatten_questions(data.scenes)[3], minlength=len(shapes.QUESTION_TYPES))
     assert raw.max() > 1.5 * raw.min()  # relation questions need two objects: rarer in the raw data ...
     assert seen.max() < 1.3 * seen.min(), seen  # ... but not in training batches
+    twice = QuestionBatches(data.images, data.scenes, tokenizer, 64, seed=0, type_repeats={"relation": 2})
+    seen = np.bincount(np.concatenate([twice.batch(s)["types"].numpy() for s in range(30)]),
+                       minlength=len(shapes.QUESTION_TYPES))
+    relation = shapes.QUESTION_TYPES.index("relation")
+    others = np.delete(seen, relation)
+    assert 1.6 * others.mean() < seen[relation] < 2.4 * others.mean(), seen  # the slowest type gets twice the share
 
 
 def test_noisy_questions_fit_the_context_and_keep_every_content_word():
@@ -185,6 +191,25 @@ def test_noisy_questions_fit_the_context_and_keep_every_content_word():
     long = ["is the red circle above the blue square?"] * 200  # as long as noise can make it: still fits
     assert tokenizer.lengths(noisy_questions(long, tokenizer, np.random.default_rng(1))).max() \
         <= tokenizer.context_length
+
+
+def test_noisy_twins_open_with_lead_ins_that_no_held_out_wording_uses():
+    """About half the noisy training twins open with a lead-in ("so, what color is the star?"), so the model
+    reads a question's kind from its core; the openings are the training side's own: no validation or test
+    wording begins with one (else the held-out figures would not measure unseen wording)."""
+    scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=300))
+    questions = flatten_questions(scenes)[0]
+    tokenizer = create_model(tiny_model_config(), corpus=questions).tokenizer
+    noisy = noisy_questions(questions, tokenizer, np.random.default_rng(0))
+    opened = np.mean([any(twin.startswith(lead + " ") for lead in LEAD_INS) for twin in noisy])
+    assert 0.3 < opened < 0.55, opened  # half, less the twins whose first word a nonsense word or swap displaced
+    assert not [q for q in questions if any(q.startswith(lead) for lead in LEAD_INS)]  # clean questions keep none
+    def opening(text: str) -> list[str]:
+        return [w.strip(",:") for w in text.split()]
+    held_out = [t for wordings in shapes.QUESTION_WORDING.values() for t in (*wordings[1], *wordings[2])]
+    for lead in LEAD_INS:
+        words = opening(lead)
+        assert not [t for t in held_out if opening(t)[:len(words)] == words], lead
 
 
 def _vqa_model(inputs: str) -> TaskModel:
@@ -286,3 +311,35 @@ def test_word_codes_go_to_the_named_whole_words_only_train_and_survive_saving(tm
     assert torch.equal(loaded.code_index, model.code_index)
     assert_close_to_scale(loaded.predict(images, ["is the red circle above the blue square?"] * 2),
                           model.predict(images, ["is the red circle above the blue square?"] * 2))
+
+
+def test_word_order_counts_around_the_first_relation_word_and_only_there(tmp_path):
+    """With order_around_codes the where readout signs each token -1 before the first coded word and +1 after,
+    so an opening ("so, is the A above the B?") leaves both objects' signs alone; a question without a coded
+    word reads exactly as before, and the setting survives saving."""
+    torch.manual_seed(0)
+    corpus = ["so, is the red circle above the blue square?", "where is the star?", "is it to the left of it?"]
+    encoder = create_model(tiny_model_config(), corpus=corpus)
+    config = TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross"), outputs=list(shapes.ANSWERS),
+                             freeze_towers=True, word_codes=["above", "left"], order_around_codes=True)
+    model = TaskModel(config, encoder).eval()
+    questions = ["is the red circle above the blue square?", "so, is the red circle above the blue square?",
+                 "where is the star?", "is it to the left of it?"]
+    tokens = model.tokenizer(questions)
+    pivot = model.encode_texts(tokens["input_ids"], tokens["attention_mask"])["text_pivot"]
+    vocab = encoder.tokenizer.hf.get_vocab()
+    expected = [row.index(vocab["above"]) if vocab["above"] in row else row.index(vocab["left"])
+                if vocab["left"] in row else -1 for row in tokens["input_ids"].tolist()]
+    assert pivot.tolist() == expected and expected[2] == -1 and expected[1] > expected[0] > 0
+    plain = TaskModel(TaskModelConfig(**{**vars(config), "order_around_codes": False}), encoder).eval()
+    plain.load_state_dict(model.state_dict())
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = [m.fuse(m.encode(images, tokens["input_ids"], tokens["attention_mask"])) for m in (model, plain)]
+    around, ends = fused
+    assert_close_to_scale(around[2], ends[2])  # no coded word: the question's ends, as before
+    assert ((around - ends).abs().amax(1) / ends.abs().amax(1))[[0, 1, 3]].min() > 1e-3  # rounding: ~1e-7
+    model.save_pretrained(tmp_path / "vqa")
+    loaded = TaskModel.from_pretrained(tmp_path / "vqa")
+    assert loaded.config.order_around_codes
+    assert_close_to_scale(loaded.predict(images, questions), model.predict(images, questions))

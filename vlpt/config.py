@@ -280,8 +280,9 @@ class FinetuneConfig:
     cross_layers: int = checked(2, at_least(1))  # cross fusion: blocks of (self-attention, cross-attention, MLP)
     cross_heads: int = checked(4, at_least(1))  # must divide cross_width
     cross_where: bool = True  # cross fusion: each cross-attention head also reads the (row, column) it attended to
-    question_noise: float = checked(0.5, between(0, 1))  # vqa: odds a training question gets 1-3 nonsense words (robust to unseen wording)
-    word_codes: bool = True  # vqa, cross fusion: the relation words (above, below, left, right) get trainable embeddings of the fusion's own (TaskModelConfig.word_codes)
+    question_noise: float = checked(0.5, between(0, 1))  # vqa: odds a training question comes as its noisy twin: an opening half the time, 1-3 nonsense words (robust to unseen wording)
+    relation_repeats: int = checked(2, at_least(1))  # vqa: relation questions (the slowest type to learn) come this many times as often as each other type in training batches
+    word_codes: bool = True  # vqa, cross fusion: the relation words (above, below, left, right) get trainable embeddings of the fusion's own, and the where readout counts word order around the first of them (TaskModelConfig.word_codes, order_around_codes)
     inputs: str = checked("both", one_of(FINETUNE_INPUTS))  # match / vqa: both | question_only | image_only (blind baselines)
 
 

@@ -78,6 +78,18 @@ def other_frame_word(question: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+# Openings a user may put before a question. Half of the noisy training twins start with one, so a question's kind
+# is read from its core, not from its first words (trained without them, "in this image, what colour is the star?"
+# got a place for an answer). None of them opens a validation or test wording (shapes.QUESTION_WORDING).
+LEAD_INS = ("so,", "now,", "please,", "quick question:", "in short,", "at a glance,", "on this one,",
+            "for this scene,", "one more:", "to be sure,", "just checking:")
+
+
+def with_lead_in(question: str, rng: np.random.Generator) -> str:
+    """``question`` after a random opening from LEAD_INS, half the time."""
+    return f"{LEAD_INS[int(rng.integers(len(LEAD_INS)))]} {question}" if rng.random() < 0.5 else question
+
+
 def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
     """Row indices with every question type present equally often: each type's rows repeated up to the
     largest type's count (``oversample``, for training) or cut to the first rows of the smallest (test)."""
@@ -87,11 +99,12 @@ def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
 
 
 def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.random.Generator) -> list[str]:
-    """Each question's noisy twin: one frame word replaced half the time (``other_frame_word``) and 1-3 nonsense
-    words inserted (``nonsense_words``), with fewer nonsense words where the twin would not fit the tokenizer's
-    context (a nonsense word is spelled out in up to 8 character pieces; cut short, "is the red circle above the
-    blue square?" loses the square and its answer becomes a guess). Falls back to the clean question."""
-    framed = [other_frame_word(q, rng) for q in questions]
+    """Each question's noisy twin: an opening half the time (``with_lead_in``), one frame word replaced half the
+    time (``other_frame_word``) and 1-3 nonsense words inserted (``nonsense_words``), with fewer nonsense words
+    where the twin would not fit the tokenizer's context (a nonsense word is spelled out in up to 8 character
+    pieces; cut short, "is the red circle above the blue square?" loses the square and its answer becomes a
+    guess). Falls back to the clean question."""
+    framed = [other_frame_word(with_lead_in(q, rng), rng) for q in questions]
     noisy = [nonsense_words(q, rng) for q in framed]
     for fallback in (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i]):
         too_long = np.flatnonzero(tokenizer.lengths(noisy) > tokenizer.context_length)
@@ -102,14 +115,19 @@ def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.rand
 
 class QuestionBatches:
     """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; question types are balanced
-    (rarer types repeated) and an epoch visits every balanced row once. With ``noise`` > 0 that fraction of
-    the questions come as their noisy twins (``noisy_questions``: nonsense words inserted, a frame word
-    replaced), so the model learns to answer from the words that matter and wording it has never seen passes."""
+    (rarer types repeated; ``type_repeats`` {type: k} gives a type k times its share) and an epoch visits every
+    balanced row once. With ``noise`` > 0 that fraction of the questions come as their noisy twins
+    (``noisy_questions``: an opening, nonsense words inserted, a frame word replaced), so the model learns to
+    answer from the words that matter and wording it has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
-                 batch_size: int, seed: int, noise: float = 0.0):
+                 batch_size: int, seed: int, noise: float = 0.0, type_repeats: dict[str, int] | None = None):
         questions, owner, answers, types = flatten_questions(scenes)
-        rows = torch.from_numpy(balanced_rows(types, oversample=True))
+        rows = balanced_rows(types, oversample=True)
+        for kind, repeats in (type_repeats or {}).items():
+            extra = rows[types[rows] == shapes.QUESTION_TYPES.index(kind)]
+            rows = np.concatenate([rows, *[extra] * (repeats - 1)])
+        rows = torch.from_numpy(np.sort(rows))
         _check_size(batch_size, len(rows), "questions")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.owner, self.answers, self.types = (torch.from_numpy(a) for a in (owner, answers, types))

@@ -245,7 +245,9 @@ class CrossAttentionFusion(nn.Module):
 
     def forward(self, image_embed: torch.Tensor, text_embed: torch.Tensor,
                 image_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, text_pivot: torch.Tensor | None = None) -> torch.Tensor:
+        """text_pivot (B,): index of the text token the order-signed where counts around (-1 before it, +1 after);
+        -1 (or None) counts from the question's ends."""
         if image_tokens is None or text_tokens is None:
             raise ValueError("cross fusion needs image_tokens (B, N, Ci) and text_tokens (B, L, Ct): pass the "
                              "towers' forward_features tokens, or use the concat | sum | gated methods")
@@ -276,6 +278,10 @@ class CrossAttentionFusion(nn.Module):
         if self.signed_where is not None:
             index = weights.cumsum(1) - 1  # (B, 1+L, 1): 0 .. length-1 over the real tokens
             order = 2 * index / (weights.sum(1, keepdim=True) - 1).clamp_min(1) - 1  # -1 (first) .. +1 (last)
+            if text_pivot is not None:  # the first token (the text embedding) stands before any pivot
+                place = torch.arange(1 + L, device=text.device)[None, :, None]  # (1, 1+L, 1)
+                around = torch.sign(place - 1 - text_pivot[:, None, None]).to(order.dtype)  # (B, 1+L, 1)
+                order = torch.where(text_pivot[:, None, None] >= 0, around, order)
             looked = torch.cat(looks, dim=2).flatten(2)  # (B, 1+L, 2 h layers)
             pooled = pooled + self.signed_where((looked * order * weights).sum(1) / weights.sum(1))
         return self.drop(pooled)

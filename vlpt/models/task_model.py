@@ -56,6 +56,10 @@ class TaskModelConfig:
     # caption one scene, so "above" and "below" come out near-synonyms); frame words keep the tower's features only,
     # so unseen wording still reads as the tower reads it. Words the vocabulary spells in pieces are left out.
     word_codes: list[str] = field(default_factory=list)
+    # Cross fusion with word codes: count the order-signed where around the first coded word (-1 before it, +1
+    # after) instead of from the question's ends, so "is the A above the B?" keeps A's sign and B's whatever words
+    # open the question; questions without a coded word keep the ends. False for models saved before it existed.
+    order_around_codes: bool = False
     inputs: str = "both"  # both | question_only (every image replaced by a constant) | image_only (every text
     #                       replaced by a constant): the blind baselines that show what each input contributes
     encoder: ModelConfig = field(default_factory=ModelConfig)
@@ -163,9 +167,14 @@ class TaskModel(SavesPretrained, nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
             tokens, pooled = enc.text_tower.forward_features(input_ids, attention_mask)  # (B, L, Ct), (B, C)
             embed = F.normalize(enc.text_proj(pooled), dim=-1)
+        out = {"text_mask": attention_mask.bool(), "text_embed": embed}
         if self.code_index is not None:
-            tokens = tokens + self.word_code(self.code_index[input_ids])  # (B, L, Ct)
-        return {"text_tokens": tokens, "text_mask": attention_mask.bool(), "text_embed": embed}
+            coded = self.code_index[input_ids]  # (B, L): row of word_code, 0 for uncoded tokens
+            tokens = tokens + self.word_code(coded)  # (B, L, Ct)
+            if self.config.order_around_codes:  # the first coded token's index, -1 where there is none
+                first = (coded > 0).int().argmax(1)  # argmax gives the first of equal maxima
+                out["text_pivot"] = torch.where((coded > 0).any(1), first, -1)  # (B,)
+        return {"text_tokens": tokens, **out}
 
     def fuse(self, features: dict[str, torch.Tensor], image_index: torch.Tensor | None = None,
              text_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,9 +182,10 @@ class TaskModel(SavesPretrained, nn.Module):
         one pass of the towers serves many pairs (the matching task's negatives)."""
         def pick(key: str, index):
             return features[key] if index is None else features[key][index]
+        pivot = {"text_pivot": pick("text_pivot", text_index)} if "text_pivot" in features else {}
         return self.fusion(pick("image_embed", image_index), pick("text_embed", text_index),
                            pick("image_tokens", image_index), pick("text_tokens", text_index),
-                           pick("text_mask", text_index))  # (P, out_dim)
+                           pick("text_mask", text_index), **pivot)  # (P, out_dim)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -176,7 +176,7 @@ def build_task_model(config: RunConfig, data: TaskData, tokenizer: Tokenizer | N
     coded = config.train.task == "vqa" and ft.fusion == "cross" and ft.word_codes  # only cross fusion reads tokens
     task_config = TaskModelConfig(task=config.train.task, fusion=fusion, outputs=data.outputs,
                                   head_hidden=ft.head_hidden, freeze_towers=ft.freeze_towers, inputs=ft.inputs,
-                                  word_codes=sorted(CODED_WORDS) if coded else [])
+                                  word_codes=sorted(CODED_WORDS) if coded else [], order_around_codes=bool(coded))
     model = TaskModel(task_config, encoder)
     if ft.init_head not in ("zero_shot", "random"):
         raise ValueError(f"unknown finetune.init_head {ft.init_head!r}; choose from zero_shot, random")
@@ -286,7 +286,8 @@ class VQA(FineTune):
     def batches(self, config: RunConfig, data: TaskData, model: TaskModel, env: DistributedEnv):
         t = config.train
         return rank_slice(QuestionBatches(data.train_images, data.train_scenes, model.tokenizer, t.batch_size,
-                                          t.seed, config.finetune.question_noise), env)
+                                          t.seed, config.finetune.question_noise,
+                                          {"relation": config.finetune.relation_repeats}), env)
 
     def objective(self, config: RunConfig, model: TaskModel, env: DistributedEnv, device: torch.device):
         if model.config.freeze_towers:
