@@ -116,3 +116,31 @@ def test_every_shipped_config_loads_and_builds(name):
                                               config.model.image.image_size))[1].ndim == 2
     if not config.model.text.pretrained:
         TextTower(config.model.text)
+
+
+def test_attention_pool_equals_projecting_every_token():
+    """The attention pool skips projecting each token to a key and a value (one query: the projections can be
+    applied to the query and to the weighted mean instead); in float64 it equals the straightforward form,
+    values and gradients."""
+    import torch.nn.functional as F
+
+    from vlpt.models.image_towers import AttentionPool
+
+    torch.manual_seed(0)
+    pool = AttentionPool(width=128, num_tokens=16, num_heads=2).double()
+    with torch.no_grad():
+        pool.kv.bias.normal_()  # a key bias that is not zero: it must drop out of the softmax
+    tokens = torch.randn(5, 16, 128, dtype=torch.float64, requires_grad=True)
+
+    def straightforward(t: torch.Tensor) -> torch.Tensor:
+        B, N, C = t.shape
+        k, v = pool.kv(pool.norm(t + pool.pos)).chunk(2, dim=-1)
+        q = pool.query.expand(B, -1, -1)
+        q, k, v = (x.reshape(B, -1, 2, C // 2).transpose(1, 2) for x in (q, k, v))
+        return pool.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C))
+
+    fast, reference = pool(tokens), straightforward(tokens)
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), [tokens, pool.query, pool.kv.weight]) for out in (fast, reference)]
+    for g_fast, g_ref in zip(*grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-11)

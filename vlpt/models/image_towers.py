@@ -156,13 +156,20 @@ class AttentionPool(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Attention of the one query over the tokens, without projecting every token to a key and a value:
+        with a single query, q.(W_k x + b_k) = (W_k^T q).x + const (the constant drops out of the softmax), and
+        sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + b_v. Same result as projecting all N tokens (the
+        straightforward form, kept in tests), for about 1/N of the work: a third of a small ResNet's time."""
         B, N, C = tokens.shape
         h = self.num_heads
-        k, v = self.kv(self.norm(tokens + self.pos)).chunk(2, dim=-1)  # (B, N, C) each
-        q = self.query.expand(B, -1, -1)  # (B, 1, C)
-        q, k, v = (t.reshape(B, -1, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, *, C/h)
-        pooled = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1, C/h)
-        return self.out(pooled.transpose(1, 2).reshape(B, C))  # (B, C)
+        x = self.norm(tokens + self.pos)  # (B, N, C)
+        w_k, w_v = (w.reshape(h, C // h, C) for w in self.kv.weight.chunk(2, dim=0))  # (h, C/h, C) each
+        b_v = self.kv.bias.chunk(2)[1].reshape(h, C // h)
+        key = torch.einsum("hd,hdc->hc", self.query.reshape(h, C // h), w_k) * (C // h) ** -0.5  # (h, C)
+        weights = torch.einsum("bnc,hc->bhn", x, key).softmax(-1)  # (B, h, N)
+        mixed = torch.einsum("bhn,bnc->bhc", weights, x)  # (B, h, C)
+        pooled = torch.einsum("bhc,hdc->bhd", mixed, w_v) + b_v  # (B, h, C/h)
+        return self.out(pooled.reshape(B, C))  # (B, C)
 
 
 class ImageTower(nn.Module):
