@@ -216,16 +216,22 @@ def _found_items(root: Path) -> list[FolderItem]:
     outside the root skipped)."""
     found = []
     resolved_root = root.resolve()
-    for folder, dirs, names in os.walk(root):
+    for folder, dirs, _ in os.walk(resolved_root):  # symlinked folders are not entered
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if name.startswith(".") or not name.lower().endswith(_IMAGE_SUFFIXES):
+        with os.scandir(folder) as entries:  # the directory entry says file / symlink without a stat per file
+            files = sorted((e for e in entries if not e.name.startswith(".")
+                            and e.name.lower().endswith(_IMAGE_SUFFIXES)), key=lambda e: e.name)
+        for entry in files:
+            full = Path(entry.path)
+            if entry.is_symlink():  # only a link can lead outside the root
+                target = full.resolve()
+                if not (target.is_relative_to(resolved_root) and target.is_file()):
+                    continue
+            elif entry.is_file(follow_symlinks=False):
+                target = full
+            else:
                 continue
-            full = Path(folder) / name
-            rel = full.relative_to(root).as_posix()
-            target = full.resolve()
-            if target.is_relative_to(resolved_root) and target.is_file():
-                found.append(FolderItem(rel, target, -1))
+            found.append(FolderItem(full.relative_to(resolved_root).as_posix(), target, -1))
     return found
 
 
