@@ -279,9 +279,9 @@ class CrossAttentionFusion(nn.Module):
             index = weights.cumsum(1) - 1  # (B, 1+L, 1): 0 .. length-1 over the real tokens
             order = 2 * index / (weights.sum(1, keepdim=True) - 1).clamp_min(1) - 1  # -1 (first) .. +1 (last)
             if text_pivot is not None:  # the first token (the text embedding) stands before any pivot
+                pivot = text_pivot[:, None, None]  # (B, 1, 1)
                 place = torch.arange(1 + L, device=text.device)[None, :, None]  # (1, 1+L, 1)
-                around = torch.sign(place - 1 - text_pivot[:, None, None]).to(order.dtype)  # (B, 1+L, 1)
-                order = torch.where(text_pivot[:, None, None] >= 0, around, order)
+                order = torch.where(pivot >= 0, torch.sign(place - 1 - pivot).to(order.dtype), order)
             looked = torch.cat(looks, dim=2).flatten(2)  # (B, 1+L, 2 h layers)
             pooled = pooled + self.signed_where((looked * order * weights).sum(1) / weights.sum(1))
         return self.drop(pooled)

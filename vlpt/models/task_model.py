@@ -172,8 +172,9 @@ class TaskModel(SavesPretrained, nn.Module):
             coded = self.code_index[input_ids]  # (B, L): row of word_code, 0 for uncoded tokens
             tokens = tokens + self.word_code(coded)  # (B, L, Ct)
             if self.config.order_around_codes:  # the first coded token's index, -1 where there is none
-                first = (coded > 0).int().argmax(1)  # argmax gives the first of equal maxima
-                out["text_pivot"] = torch.where((coded > 0).any(1), first, -1)  # (B,)
+                is_coded = coded > 0
+                first = is_coded.int().argmax(1)  # argmax gives the first of equal maxima
+                out["text_pivot"] = torch.where(is_coded.any(1), first, -1)  # (B,)
         return {"text_tokens": tokens, **out}
 
     def fuse(self, features: dict[str, torch.Tensor], image_index: torch.Tensor | None = None,
