@@ -80,9 +80,13 @@ def other_frame_word(question: str, rng: np.random.Generator) -> str:
 
 # Openings a user may put before a question. Half of the noisy training twins start with one, so a question's kind
 # is read from its core, not from its first words (trained without them, "in this image, what colour is the star?"
-# got a place for an answer). None of them opens a validation or test wording (shapes.QUESTION_WORDING).
+# got a place for an answer). Some address the reader ("you"), which the training questions otherwise do only in
+# "do you see a ...?": without them "would you say the A is above the B?" was answered "no" far more often than
+# "would the A be above the B?", and relation in held-out wording lost 10-15 points (docs/results.md, z26).
+# None of them opens a validation or test wording (shapes.QUESTION_WORDING).
 LEAD_INS = ("so,", "now,", "please,", "quick question:", "in short,", "at a glance,", "on this one,",
-            "for this scene,", "one more:", "to be sure,", "just checking:")
+            "for this scene,", "one more:", "to be sure,", "just checking:", "if you can,", "you tell me:",
+            "do you know:", "can you answer:")
 
 
 def with_lead_in(question: str, rng: np.random.Generator) -> str:
