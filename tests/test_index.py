@@ -29,6 +29,7 @@ from vlpt.serve.index import (
     recall_at,
     tune_search,
 )
+from vlpt.serve.sources import open_source
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,33 @@ def test_folder_without_captions_text_file_and_shards(model_dir, folder, tmp_pat
     row = IndexReader.open(tmp_path / "s").collections["image"].rows([12])[0]
     assert (row["path"], row["key"], row["member"]) == ("shard-000001.tar", "00000012", "00000012.png")
     assert row["label"] and " " in row["label"]  # the class name from the shards' index.json
+
+
+def test_folder_listing_order_and_what_it_skips(tmp_path):
+    """Without a captions file, a folder lists its image files by name, then its sub-folders in name order, at
+    any depth; hidden files and folders, non-images, symlinked folders and links leading outside are skipped,
+    and a link to an image inside the root is listed under its own name."""
+    root, outside = tmp_path / "photos", tmp_path / "outside"
+    for rel in ("b.png", "a.JPG", "notes.txt", "z/1.png", "z/deep/2.png", "c/3.webp", ".hidden/4.png", ".5.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (outside / "6.png").parent.mkdir()
+    (outside / "6.png").write_bytes(b"x")
+    (root / "out.png").symlink_to(outside / "6.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "c" / "same.png").symlink_to(root / "b.png")
+    deep = root / "d"
+    for level in range(200):  # deeper than any recursion would like to go is fine too
+        deep = deep / f"{level}"
+    deep.mkdir(parents=True)
+    (deep / "7.png").write_bytes(b"x")
+    source = open_source(root, part_size=3)
+    items = [item for part in source.parts for item in part]
+    deepest = "d/" + "/".join(map(str, range(200))) + "/7.png"
+    assert [item.ref for item in items] == ["a.JPG", "b.png", "c/3.webp", "c/same.png", deepest, "z/1.png",
+                                            "z/deep/2.png"]
+    assert items[3].path == (root / "b.png").resolve() and all(item.row == -1 for item in items)
+    assert source.sizes == [3, 3, 1]
 
 
 def test_rerun_resumes_finished_parts_and_an_unchanged_source_is_up_to_date(model_dir, folder, tmp_path, monkeypatch):

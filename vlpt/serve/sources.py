@@ -212,16 +212,18 @@ def _captioned_items(root: Path, path: Path) -> tuple[list[FolderItem], list[Fai
 
 
 def _found_items(root: Path) -> list[FolderItem]:
-    """Every image file below ``root`` (sorted; hidden folders and files skipped; symlinks that lead
-    outside the root skipped)."""
+    """Every image file below ``root`` (a folder's files sorted by name, then its sub-folders in name order;
+    hidden folders and files skipped; symlinked folders not entered; symlinked files that lead outside the root
+    skipped). One directory read per folder: its entries say file / folder / symlink without a stat per file."""
     found = []
     resolved_root = root.resolve()
-    for folder, dirs, _ in os.walk(resolved_root):  # symlinked folders are not entered
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        with os.scandir(folder) as entries:  # the directory entry says file / symlink without a stat per file
-            files = sorted((e for e in entries if not e.name.startswith(".")
-                            and e.name.lower().endswith(_IMAGE_SUFFIXES)), key=lambda e: e.name)
-        for entry in files:
+    pending = [str(resolved_root)]  # a stack, not recursion: any depth of folders
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if not entry.name.lower().endswith(_IMAGE_SUFFIXES):
+                continue
             full = Path(entry.path)
             if entry.is_symlink():  # only a link can lead outside the root
                 target = full.resolve()
@@ -232,6 +234,7 @@ def _found_items(root: Path) -> list[FolderItem]:
             else:
                 continue
             found.append(FolderItem(full.relative_to(resolved_root).as_posix(), target, -1))
+        pending.extend(e.path for e in reversed(entries) if e.is_dir(follow_symlinks=False))  # first name on top
     return found
 
 
