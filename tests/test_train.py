@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_close_to_scale, tiny_run_config
-from vlpt.data.pairs import PairBatches
+from tests.conftest import assert_close_to_scale, tiny_model_config, tiny_run_config
+from vlpt.data.pairs import PairBatches, nonsense_words
 from vlpt.factory import create_model, load_model
 from vlpt.train.checkpoint import (
     latest_checkpoint,
@@ -180,3 +180,23 @@ def test_caption_noise_inserts_nonsense_words_and_keeps_the_caption():
         assert (a["attention_mask"].sum(1) > plain.batch(step)["attention_mask"].sum(1)).all()  # every one longer
     zero = PairBatches(images, captions, model.tokenizer, batch_size=8, seed=1, caption_noise=0.0)
     assert all(torch.equal(zero.batch(2)[k], plain.batch(2)[k]) for k in plain.batch(2))
+
+
+def test_noisy_caption_twins_are_never_cut_short():
+    """A nonsense word is spelled out in character pieces, so a long caption's noisy twin could pass the text
+    context and lose its last words (the second object of a scene); such twins get one nonsense word, or none.
+    Twins of short captions keep their 1-3."""
+    short = [f"a red circle number {i}" for i in range(8)]
+    long = [f"a small red circle in the top left and a large blue star in the bottom right {i}" for i in range(8)]
+    captions = [[c] for c in short + long]
+    model = create_model(tiny_model_config(context_length=24), corpus=short + long)
+    tokenizer = model.tokenizer
+    assert (tokenizer.lengths(long) <= 24).all() and (tokenizer.lengths(long) >= 20).all()  # fits, just
+    batches = PairBatches(np.zeros((16, 8, 8, 3), np.uint8), captions, tokenizer, batch_size=8, seed=1,
+                          caption_noise=1.0)
+    twins = batches.lengths[16:]
+    assert (twins <= 24).all()
+    rng = np.random.default_rng([1, 31337])  # the twins' own stream: unfitted, most long twins would be cut
+    assert np.mean(tokenizer.lengths([nonsense_words(c, rng) for c in short + long])[8:] > 24) > 0.5
+    clean = tokenizer(short + long)["attention_mask"].sum(1)
+    assert (twins[:8] > clean[:8]).all()  # short captions all got their nonsense words

@@ -9,7 +9,15 @@ import numpy as np
 import torch
 
 from vlpt.data import shapes
-from vlpt.data.pairs import epoch_batch, nonsense_words, random_shift, random_word, step_generator, token_rows
+from vlpt.data.pairs import (
+    epoch_batch,
+    fit_to_context,
+    nonsense_words,
+    random_shift,
+    random_word,
+    step_generator,
+    token_rows,
+)
 from vlpt.tokenization import Tokenizer
 
 
@@ -109,12 +117,8 @@ def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.rand
     pieces; cut short, "is the red circle above the blue square?" loses the square and its answer becomes a
     guess). Falls back to the clean question."""
     framed = [other_frame_word(with_lead_in(q, rng), rng) for q in questions]
-    noisy = [nonsense_words(q, rng) for q in framed]
-    for fallback in (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i]):
-        too_long = np.flatnonzero(tokenizer.lengths(noisy) > tokenizer.context_length)
-        for i in too_long:
-            noisy[i] = fallback(i)
-    return noisy
+    return fit_to_context([nonsense_words(q, rng) for q in framed], tokenizer,
+                   (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i]))
 
 
 class QuestionBatches:

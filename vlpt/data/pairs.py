@@ -6,7 +6,7 @@ no per-sample Python runs in the training loop (uint8 images go to the model as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,21 @@ def nonsense_words(text: str, rng: np.random.Generator, most: int = 3) -> str:
     return " ".join(words)
 
 
+def fit_to_context(texts: Sequence[str], tokenizer: Tokenizer, fallbacks: Sequence[Callable[[int], str]]) -> list[str]:
+    """``texts`` with each one the tokenizer would cut short replaced by ``fallbacks[0](i)`` (i: its position),
+    one still too long by the next fallback, and so on; the last fallback's text is kept as it is. A noisy twin
+    cut short loses its last words, which in a scene's caption or question are the ones that matter."""
+    texts = list(texts)
+    todo = np.arange(len(texts))
+    for fallback in fallbacks:
+        if not len(todo):
+            break
+        todo = todo[tokenizer.lengths([texts[i] for i in todo]) > tokenizer.context_length]
+        for i in todo:
+            texts[i] = fallback(int(i))
+    return texts
+
+
 def random_word(rng: np.random.Generator) -> str:
     """A random string of 3-8 lowercase letters: a word no tokenizer vocabulary has learned."""
     return "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(3, 9))))
@@ -74,8 +89,9 @@ class PairBatches:
         self.caption_start = torch.tensor(np.cumsum([0] + [len(c) for c in captions[:-1]]))
         self.caption_count = torch.tensor([len(c) for c in captions])
         if caption_noise > 0:  # every caption's noisy twin, tokenized once, rows after the clean ones
-            rng = np.random.default_rng([seed, 31337])
-            flat += [nonsense_words(c, rng) for c in flat]
+            rng = np.random.default_rng([seed, 31337])  # fewer nonsense words where the twin would be cut short
+            flat += fit_to_context([nonsense_words(c, rng) for c in flat], tokenizer,
+                            (lambda i: nonsense_words(flat[i], rng, most=1), lambda i: flat[i]))
         tokens = tokenizer(flat)  # padded to the longest caption in the corpus
         self.input_ids = tokens["input_ids"]
         self.lengths = tokens["attention_mask"].sum(1)
