@@ -285,3 +285,41 @@ def unchunked(model, images):
         return model.encode_image(images)
     finally:
         model.encode_chunk_size = size
+
+
+# ----------------------------------------------------------------------------- batch norms folded for inference
+
+@pytest.mark.parametrize("image", ["resnet-tiny", "resnetd-tiny", "vit"])
+def test_folded_batch_norms_give_the_same_embeddings(image):
+    """What `vlpt index` and `vlpt serve` run (inference_ready): every eval-mode batch norm folded into the
+    convolution before it. The image embeddings stay the same (exact algebra, float64), and the caller's model
+    keeps its norms (folding works on a copy); a ViT has none to fold and is not copied."""
+    from vlpt.models.image_towers import fold_batch_norms
+    from vlpt.serve.index import inference_ready
+
+    config = tiny_model_config()
+    if image == "vit":
+        config.image.name, config.image.pool, config.image.timm_kwargs = "vit_tiny_patch16_224", "timm", TINY_VIT
+    elif image == "resnetd-tiny":
+        config.image.name = image
+    torch.manual_seed(0)
+    model = DualEncoder(config).double().eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:  # statistics and scales far from the identity, as after training
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.2, 3)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+    images = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.encode_image(images)
+        ready = inference_ready(model)
+        assert_close_to_scale(ready.encode_image(images), expected, rel=1e-12)
+    left = [m for m in ready.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if image == "vit":
+        assert not norms and ready is model
+    else:
+        assert len(norms) > 5 and not left and ready is not model
+        assert len([m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == len(norms)
+        model.train()  # in train mode nothing is folded: batch statistics are still to be learned
+        assert fold_batch_norms(model.image_tower.backbone) == 0

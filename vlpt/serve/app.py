@@ -349,9 +349,9 @@ class Server:
         if model_spec is not None:
             if self.index is not None:
                 check_model_matches(config.index, model_spec)
-            from vlpt.serve.index import channels_last
+            from vlpt.serve.index import inference_ready
 
-            self.dual = channels_last(load_dual_encoder(model_spec).eval())  # as `vlpt index` embeds: same vectors
+            self.dual = inference_ready(load_dual_encoder(model_spec).eval(), in_place=True)  # as `vlpt index` embeds
             if self.index is not None and self.dual.config.embed_dim != self.index.manifest["embed_dim"]:
                 raise ValueError(f"the model embeds in {self.dual.config.embed_dim} dimensions, the index holds "
                                  f"{self.index.manifest['embed_dim']}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from vlpt.io import ImageLoadError, atomic_write, atomic_write_text
+from vlpt.models.image_towers import fold_batch_norms
 from vlpt.serve.sources import Preprocessing, Source, decode_file, open_source, shard_items
 from vlpt.train.distributed import DistributedEnv, barrier, is_main
 
@@ -207,6 +209,17 @@ def channels_last(model):
     return model.to(memory_format=torch.channels_last)
 
 
+def inference_ready(model, in_place: bool = False):
+    """``model`` as the index and the server run it: channels-last (``channels_last``) and its image tower's batch
+    norms folded into the convolutions before them (``fold_batch_norms``; vectors equal to ~1e-7). Folding
+    changes the model, so it works on a copy unless ``in_place``; a tower without batch norms is not copied."""
+    has_norms = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.image_tower.backbone.modules())
+    if has_norms and not model.image_tower.training:
+        model = model if in_place else copy.deepcopy(model)
+        fold_batch_norms(model.image_tower.backbone)
+    return channels_last(model)
+
+
 def image_precision(requested: str, model) -> str:
     """``auto``: bf16 on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX), where the image forward runs
     about 1.6x faster and the vectors keep a cosine of 0.9999+ to fp32's; fp32 elsewhere."""
@@ -222,7 +235,7 @@ class Embedder:
     """Images (decoded by a thread pool, ahead of the model) and texts -> L2-normalised float32 vectors."""
 
     def __init__(self, model, options: IndexOptions, progress=None):
-        self.model, self.options, self.progress = channels_last(model), options, progress
+        self.model, self.options, self.progress = inference_ready(model), options, progress
         self.precision = image_precision(options.precision, model)
         self.device_type = next(model.parameters()).device.type
         self.prep = Preprocessing.of(model)
@@ -821,4 +834,4 @@ def summary(manifest: dict) -> str:
 
 
 __all__ = ["FORMAT", "INDEX_TYPES", "IndexOptions", "IndexReader", "IndexResult", "build_faiss", "build_index",
-           "channels_last", "choose_index_type", "image_precision", "model_fingerprint", "model_identity", "near_duplicates", "read_manifest", "summary", "tune_search"]
+           "channels_last", "choose_index_type", "inference_ready", "image_precision", "model_fingerprint", "model_identity", "near_duplicates", "read_manifest", "summary", "tune_search"]
