@@ -100,6 +100,25 @@ def test_folder_without_captions_text_file_and_shards(model_dir, folder, tmp_pat
     assert row["label"] and " " in row["label"]  # the class name from the shards' index.json
 
 
+def test_decoding_ahead_of_the_model_gives_the_same_index(model_dir, folder, tmp_path, monkeypatch):
+    """With the model on an accelerator, files are decoded ahead of it; on a CPU a batch is decoded, then
+    embedded. Both give the same vectors, rows and failures in the same order (forced here on the CPU)."""
+    build_index(model_dir, folder, tmp_path / "cpu", IndexOptions(part_size=16, batch_size=8), progress=False)
+    real_init = index_module.Embedder.__init__
+
+    def as_if_on_a_gpu(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        assert not self.decode_ahead  # on this CPU
+        self.decode_ahead = True
+
+    monkeypatch.setattr(index_module.Embedder, "__init__", as_if_on_a_gpu)
+    build_index(model_dir, folder, tmp_path / "ahead", IndexOptions(part_size=16, batch_size=8), progress=False)
+    a, b = IndexReader.open(tmp_path / "cpu"), IndexReader.open(tmp_path / "ahead")
+    assert np.array_equal(a.vectors("image")[1], b.vectors("image")[1])
+    assert a.collections["image"].rows(range(40)) == b.collections["image"].rows(range(40))
+    assert read_manifest(tmp_path / "cpu")["failures"] == read_manifest(tmp_path / "ahead")["failures"]
+
+
 def test_folder_listing_order_and_what_it_skips(tmp_path):
     """Without a captions file, a folder lists its image files by name, then its sub-folders in name order, at
     any depth; hidden files and folders, non-images, symlinked folders and links leading outside are skipped,

@@ -255,7 +255,7 @@ def cmd_data_shards(src: str, out: Path, shard_size: int, split: str = "train", 
 
 def cmd_index(model: str, source: str, out: Path, add: bool = False, overwrite: bool = False,
               index_type: str = "auto", dedup: float | None = None, part_size: int = 1024, batch_size: int = 256,
-              workers: int = 2, target_recall: float = 0.95, keep_parts: bool = False, progress: bool = True,
+              workers: int = 0, target_recall: float = 0.95, keep_parts: bool = False, progress: bool = True,
               precision: str = "auto"):
     """``vlpt index MODEL SOURCE OUT``: embed SOURCE (an image folder with or without a captions file, webdataset
     shards, or a .txt file of captions) with MODEL into faiss indexes + metadata + a manifest in OUT. Under
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept before is >= SIM, e.g. 0.98 (listed in the manifest)")
     p.add_argument("--part-size", type=int, default=1024, help="images (or lines) per part of work (resumable unit)")
     p.add_argument("--batch-size", type=int, default=256, help="images per model forward")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding threads (0: as many as torch's threads)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="HNSW / IVF-PQ: search settings are tuned to reach this recall@10 against exact search")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after merging")

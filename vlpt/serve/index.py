@@ -70,7 +70,7 @@ class IndexOptions:
     index_type: str = "auto"  # auto | flat | hnsw | ivfpq
     part_size: int = 1024  # images (or text lines) per part of work; a shard is one part
     batch_size: int = 256  # images per model forward
-    workers: int = 2  # image-decoding threads
+    workers: int = 0  # image-decoding threads (0: as many as torch's CPU threads, which wait while they decode)
     dedup: float | None = None  # drop images (texts, for a text source) this similar to one kept before
     target_recall: float = 0.95  # hnsw / ivfpq: search settings tuned to reach this recall@10 vs exact
     nlist: int | None = None  # ivfpq: inverted lists (default ~2 sqrt(N))
@@ -82,9 +82,11 @@ class IndexOptions:
     def __post_init__(self):
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
-        for name in ("part_size", "batch_size", "workers"):
+        for name in ("part_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: as many as torch's threads), got {self.workers}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.dedup is not None and not 0 < self.dedup <= 1:
@@ -231,6 +233,9 @@ def image_precision(requested: str, model) -> str:
     return "bf16" if cpu and native else "fp32"
 
 
+DECODE_RUN = 16  # images per decoding task (a future per image costs main-thread time)
+
+
 class Embedder:
     """Images (decoded by a thread pool, ahead of the model) and texts -> L2-normalised float32 vectors."""
 
@@ -238,8 +243,13 @@ class Embedder:
         self.model, self.options, self.progress = inference_ready(model), options, progress
         self.precision = image_precision(options.precision, model)
         self.device_type = next(model.parameters()).device.type
+        # On a CPU a batch is decoded, then embedded: decoding threads beside the model's on the same cores slowed
+        # both (OpenMP threads wait for a preempted peer; 8% here). With the model on an accelerator the next
+        # batches are decoded while it runs.
+        self.decode_ahead = self.device_type != "cpu"
         self.prep = Preprocessing.of(model)
-        self.pool = futures.ThreadPoolExecutor(options.workers, thread_name_prefix="vlpt-decode")
+        self.pool = futures.ThreadPoolExecutor(options.workers or torch.get_num_threads(),
+                                               thread_name_prefix="vlpt-decode")
         self.dim = int(model.config.embed_dim)
 
     def close(self) -> None:
@@ -282,15 +292,23 @@ class Embedder:
     def part(self, source: Source, i: int, fingerprint: str) -> Part:
         images, vectors, failures, texts = [], [], [], []
         if source.kind == "folder":
-            def decode(item):
-                return item, *_try_decode(decode_file, item.path, self.prep)
+            def decode(items):
+                return [(item, *_try_decode(decode_file, item.path, self.prep)) for item in items]
 
             def decoded():  # failures listed here, in file order (worker threads finish in any order)
-                ahead = 2 * self.options.batch_size
-                for item, tensor, problem in _ordered_map(self.pool, decode, source.parts[i], ahead):
-                    if problem:
-                        failures.append({"where": item.ref, "reason": problem})
-                    yield item, tensor
+                part = source.parts[i]
+                runs = [part[s:s + DECODE_RUN] for s in range(0, len(part), DECODE_RUN)]
+                per_batch = max(1, self.options.batch_size // DECODE_RUN)
+                if self.decode_ahead:
+                    done = _ordered_map(self.pool, decode, runs, 2 * per_batch)
+                else:
+                    done = (run for b in range(0, len(runs), per_batch)
+                            for run in self.pool.map(decode, runs[b:b + per_batch]))
+                for run in done:
+                    for item, tensor, problem in run:
+                        if problem:
+                            failures.append({"where": item.ref, "reason": problem})
+                        yield item, tensor
             for items, vecs in self.stream(decoded()):
                 vectors.append(vecs)
                 images += [{"path": it.ref, "key": None, "member": None, "row": it.row, "captions": it.captions,

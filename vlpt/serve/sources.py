@@ -82,6 +82,7 @@ class Source:
     captions_file: str | None = None
     class_names: tuple[str, ...] | None = None
     sizes: list[int] = field(default_factory=list)  # images (folder, shards) or texts per part
+    fingerprints: dict[int, str] = field(default_factory=dict, repr=False)  # part_fingerprint's, once per part
 
     @property
     def key(self) -> str:
@@ -95,7 +96,13 @@ class Source:
         return str(path.resolve()) if path.exists() else self.location
 
     def part_fingerprint(self, i: int) -> str:
-        """What part ``i`` was computed from: its files' names, sizes and modification times."""
+        """What part ``i`` was computed from: its files' names, sizes and modification times, as when first
+        asked (the build asks before embedding the part and again for the manifest: one stat per file)."""
+        if i not in self.fingerprints:
+            self.fingerprints[i] = self._fingerprint(i)
+        return self.fingerprints[i]
+
+    def _fingerprint(self, i: int) -> str:
         h = hashlib.sha256(f"{self.kind}:{self.location_resolved}:{i}:{self.part_size}".encode())
         part = self.parts[i]
         if self.kind == "folder":
@@ -217,6 +224,7 @@ def _found_items(root: Path) -> list[FolderItem]:
     skipped). One directory read per folder: its entries say file / folder / symlink without a stat per file."""
     found = []
     resolved_root = root.resolve()
+    cut = len(os.path.join(resolved_root, ""))  # entry paths start with the root and a separator ("/" has one)
     pending = [str(resolved_root)]  # a stack, not recursion: any depth of folders
     while pending:
         with os.scandir(pending.pop()) as listing:
@@ -233,7 +241,8 @@ def _found_items(root: Path) -> list[FolderItem]:
                 target = full
             else:
                 continue
-            found.append(FolderItem(full.relative_to(resolved_root).as_posix(), target, -1))
+            # the path relative to the root by string ops: pathlib's relative_to took 0.1 s per 8,192 files
+            found.append(FolderItem(entry.path[cut:].replace(os.sep, "/"), target, -1))
         pending.extend(e.path for e in reversed(entries) if e.is_dir(follow_symlinks=False))  # first name on top
     return found
 
