@@ -117,8 +117,8 @@ def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.rand
     pieces; cut short, "is the red circle above the blue square?" loses the square and its answer becomes a
     guess). Falls back to the clean question."""
     framed = [other_frame_word(with_lead_in(q, rng), rng) for q in questions]
-    return fit_to_context([nonsense_words(q, rng) for q in framed], tokenizer,
-                   (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i]))
+    fallbacks = (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i])
+    return fit_to_context([nonsense_words(q, rng) for q in framed], tokenizer, fallbacks)
 
 
 class QuestionBatches:

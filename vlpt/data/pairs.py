@@ -90,8 +90,8 @@ class PairBatches:
         self.caption_count = torch.tensor([len(c) for c in captions])
         if caption_noise > 0:  # every caption's noisy twin, tokenized once, rows after the clean ones
             rng = np.random.default_rng([seed, 31337])  # fewer nonsense words where the twin would be cut short
-            flat += fit_to_context([nonsense_words(c, rng) for c in flat], tokenizer,
-                            (lambda i: nonsense_words(flat[i], rng, most=1), lambda i: flat[i]))
+            fallbacks = (lambda i: nonsense_words(flat[i], rng, most=1), lambda i: flat[i])
+            flat += fit_to_context([nonsense_words(c, rng) for c in flat], tokenizer, fallbacks)
         tokens = tokenizer(flat)  # padded to the longest caption in the corpus
         self.input_ids = tokens["input_ids"]
         self.lengths = tokens["attention_mask"].sum(1)

@@ -168,19 +168,20 @@ def fold_batch_norms(backbone: nn.Module) -> int:
         return 0
     modules = dict(backbone.named_modules())
 
-    def module_of(node) -> nn.Module | None:  # traced names start with the wrapper's "backbone."
-        return modules.get(node.target.removeprefix("backbone.")) if node.op == "call_module" else None
+    def name_of(node) -> str | None:  # a module call's name in the backbone (traced ones start "backbone.")
+        if isinstance(node, torch.fx.Node) and node.op == "call_module":
+            return node.target.removeprefix("backbone.")
+        return None
 
     folded = 0
     for node in graph.nodes:
-        norm = module_of(node)
-        if not isinstance(norm, nn.BatchNorm2d) or norm.training or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        source = node.args[0]
-        conv = module_of(source)
-        if isinstance(conv, nn.Conv2d) and len(source.users) == 1:
-            backbone.set_submodule(source.target.removeprefix("backbone."), fuse_conv_bn_eval(conv, norm))
-            backbone.set_submodule(node.target.removeprefix("backbone."), nn.Identity())
+        norm_name = name_of(node)
+        conv_name = name_of(node.args[0]) if norm_name and node.args else None
+        norm, conv = modules.get(norm_name), modules.get(conv_name)
+        if (isinstance(norm, nn.BatchNorm2d) and not norm.training and isinstance(conv, nn.Conv2d)
+                and len(node.args[0].users) == 1):
+            backbone.set_submodule(conv_name, fuse_conv_bn_eval(conv, norm))
+            backbone.set_submodule(norm_name, nn.Identity())
             folded += 1
     return folded
 
