@@ -234,6 +234,8 @@ class TrainConfig:
     siglip_exchange: str = checked("gather", one_of(SIGLIP_EXCHANGES))  # multi-process SigLIP: gather (all-gather texts) | neighbour (ring of P2P chunk exchanges)
     pairwise_negatives: str = checked("random", one_of(PAIRWISE_NEGATIVES))  # pairwise loss: random (uniform, seeded) | hard (most similar non-matching ones)
     num_negatives: int = checked(1, at_least(1))  # pairwise loss: negatives per image and per text, from the global batch (< its size)
+    anchor_weight: float = checked(0.0, at_least(0))  # contrastive LiT with a packaged pretrained image tower: weight of the class-anchor term (its ImageNet classifier rows paired with their names, vlpt.train.anchors); 0: off
+    anchor_template: str = checked("a photo of a {}", non_blank)  # the class anchors' prompt wording
     lr: float = checked(2e-3, at_least(0))
     min_lr: float = checked(0.0, at_least(0))  # cosine schedule floor
     weight_decay: float = checked(0.1, at_least(0))

@@ -151,15 +151,17 @@ class DualEncoder(SavesPretrained, nn.Module):
         On the CPU, with the image tower in eval mode (a locked tower always is), a batch larger than
         ``encode_chunk_size`` is encoded in chunks of that size: the same features (and gradients, if
         any), computed with the activations in cache. In train mode BatchNorm needs the whole batch."""
+        features = self.image_proj(self.image_pooled(images))  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def image_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled output (B, C), before the projection (from the cache when it is on)."""
         chunk = self.encode_chunk_size if self._chunks_pay(self.image_tower, images.device) else 0
         if self.image_cache is not None and images.dtype == torch.uint8:
             keys = pixel_digests(images)
-            pooled = self.image_cache.pooled(keys, lambda rows: in_row_chunks(
+            return self.image_cache.pooled(keys, lambda rows: in_row_chunks(
                 self.image_tower.forward_pooled, chunk, images[rows]), images.device)  # (B, C)
-        else:
-            pooled = in_row_chunks(self.image_tower.forward_pooled, chunk, images)  # (B, C)
-        features = self.image_proj(pooled)  # (B, D)
-        return F.normalize(features, dim=-1) if normalize else features
+        return in_row_chunks(self.image_tower.forward_pooled, chunk, images)  # (B, C)
 
     @staticmethod
     def _chunks_pay(tower: nn.Module, device: torch.device) -> bool:
@@ -192,14 +194,26 @@ class DualEncoder(SavesPretrained, nn.Module):
         features = self.text_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-        return {
-            "image_features": self.encode_image(images),
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                anchors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The batch's embeddings, and with ``anchors`` (see ``vlpt.train.anchors``: unit ``directions`` (A, C) in
+        the image tower's pooled space with their names' ``input_ids`` / ``attention_mask``) the anchors' too:
+        an anchor's image side is the batch's mean pooled output moved along its direction by the batch's mean
+        pooled norm (both held constant), so it sits where this data's features are."""
+        pooled = self.image_pooled(images)
+        out = {
+            "image_features": F.normalize(self.image_proj(pooled), dim=-1),
             "text_features": self.encode_text({"input_ids": input_ids, "attention_mask": attention_mask}),
             "logit_scale": self.logit_scale.clamp(0, self.config.max_logit_scale).exp(),
             "logit_bias": self.logit_bias,
         }
+        if anchors is not None:
+            pooled = pooled.detach()
+            centre, reach = pooled.mean(0), pooled.norm(dim=1).mean()
+            out["anchor_image_features"] = F.normalize(self.image_proj(centre + reach * anchors["directions"]), dim=-1)
+            out["anchor_text_features"] = self.encode_text({"input_ids": anchors["input_ids"],
+                                                            "attention_mask": anchors["attention_mask"]})
+        return out
 
     # ------------------------------------------------------------------ save / load
     def write_files(self, directory: Path) -> None:

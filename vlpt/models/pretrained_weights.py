@@ -104,3 +104,13 @@ def load_package_weights(model: nn.Module, name: str) -> int:
         raise ValueError(f"the {name} weights of package {PACKAGE_WEIGHTS[name].package} do not fit this model "
                          f"(do timm_kwargs change its architecture?): {message[:300]}") from err
     return len(state)
+
+
+def package_classifier(name: str) -> torch.Tensor:
+    """The ImageNet classifier rows (1000, C) of the package weights of timm architecture ``name``: what the
+    pretrained tower's pooled output is scored against, one row per ImageNet-1k class (timm's class order)."""
+    import timm
+
+    if name not in PACKAGE_WEIGHTS:
+        raise ValueError(f"no package ships a classifier for {name!r}; packaged towers: {', '.join(PACKAGE_WEIGHTS)}")
+    return PACKAGE_WEIGHTS[name].state_dict(timm.create_model(name, pretrained=False))["classifier.weight"]

@@ -23,6 +23,7 @@ from vlpt.losses import check_pairwise_options, get_loss, get_siglip_loss
 from vlpt.models.dual_encoder import DualEncoder
 from vlpt.tasks.base import TaskSpec, dual_encoder_for, pair_batches
 from vlpt.tokenization import Tokenizer
+from vlpt.train.anchors import ClassAnchors, anchor_problems, classifier_anchors
 from vlpt.train.distributed import DistributedEnv
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class ContrastiveTask:
 
     def __init__(self, model: nn.Module, loss: str = "infonce", rank: int = 0, world_size: int = 1,
                  seed: int = 0, local_loss: bool = False, siglip_exchange: str = "gather",
-                 pairwise_negatives: str = "random", num_negatives: int = 1):
+                 pairwise_negatives: str = "random", num_negatives: int = 1,
+                 anchors: ClassAnchors | None = None, anchor_weight: float = 0.0):
         self.loss_fn = get_loss(loss)  # fails early, listing the choices
         # gather (all-gather texts) | neighbour (ring exchange); checked for every loss, so a typo
         # fails early even when the loss is not SigLIP.
@@ -47,16 +49,31 @@ class ContrastiveTask:
         self.model = model
         self.rank, self.world_size = rank, world_size
         self.local_loss = local_loss
-        self.generator = torch.Generator().manual_seed(seed)  # negatives for the pairwise loss
+        self.generator = torch.Generator().manual_seed(seed)  # negatives for the pairwise loss, anchors drawn
+        self.anchors = anchors if anchor_weight > 0 else None  # LiT: the image tower's classifier (train.anchors)
+        self.anchor_weight = anchor_weight
+        if self.anchors is not None and loss == "pairwise":
+            raise ValueError("train.anchor_weight works with the infonce and siglip losses, not pairwise")
         core = getattr(model, "module", model)
         if loss in ("siglip", "pairwise") and core.logit_bias is None:
             raise ValueError(f"the {loss} loss needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        images = batch["images"]
+        anchors = None if self.anchors is None else self.anchors.sample(len(images), self.generator, images.device)
+        out = self.model(images, batch["input_ids"], batch["attention_mask"], anchors=anchors)
         loss = self.loss_from_features(out["image_features"], out["text_features"], out["logit_scale"],
                                        out["logit_bias"])
-        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+        parts = {"logit_scale": out["logit_scale"].detach()}
+        if anchors is not None:  # every rank draws the same anchors: a term of its own, not gathered
+            args = dict(image_features=out["anchor_image_features"], text_features=out["anchor_text_features"],
+                        logit_scale=out["logit_scale"], rank=0, world_size=1)
+            if self.loss == "siglip":
+                args["logit_bias"] = out["logit_bias"]
+            anchor_loss = self.loss_fn(**args)
+            parts["contrastive_loss"], parts["anchor_loss"] = loss.detach(), anchor_loss.detach()
+            loss = loss + self.anchor_weight * anchor_loss
+        return {"loss": loss, **parts}
 
     def loss_from_features(self, image_features: torch.Tensor, text_features: torch.Tensor,
                            logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> torch.Tensor:
@@ -90,6 +107,13 @@ class Contrastive(TaskSpec):
         problems = super().check(config, env)
         if config.train.local_loss and config.train.loss != "infonce":
             problems.append(f"train.local_loss applies to the infonce loss only, not train.loss={config.train.loss}")
+        if config.train.anchor_weight > 0:
+            if not config.model.init_from:  # a model to start from brings its own towers
+                problems += anchor_problems(config.model.image)
+            if config.train.loss == "pairwise":
+                problems.append("train.anchor_weight works with the infonce and siglip losses, not pairwise")
+            if config.train.accum_mode == "gradcache":
+                problems.append("train.anchor_weight does not work with train.accum_mode=gradcache (use plain)")
         return problems
 
     def load_data(self, config: RunConfig, cache_dir: Path | None) -> Pairs | None:
@@ -132,9 +156,19 @@ class Contrastive(TaskSpec):
         if env.distributed:
             trained = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
         t = config.train
+        anchors = None
+        if t.anchor_weight > 0:
+            anchors = classifier_anchors(model.config.image, model.tokenizer, t.anchor_template,
+                                         config.data.holdout_classes)
+            if anchors.directions.shape[1] != model.image_tower.output_dim:
+                raise ValueError(f"the classifier's rows have {anchors.directions.shape[1]} features but the image "
+                                 f"tower pools {model.image_tower.output_dim} (timm_kwargs changing the network?)")
+            log.info("class anchors: %d ImageNet classes (%d left out as naming held-out classes: %s)", len(anchors),
+                     len(anchors.dropped), ", ".join(anchors.dropped) or "none")
         return ContrastiveTask(trained, t.loss, rank=env.rank, world_size=env.world_size, seed=t.seed,
                                local_loss=t.local_loss, siglip_exchange=t.siglip_exchange,
-                               pairwise_negatives=t.pairwise_negatives, num_negatives=t.num_negatives)
+                               pairwise_negatives=t.pairwise_negatives, num_negatives=t.num_negatives,
+                               anchors=anchors, anchor_weight=t.anchor_weight)
 
     def quick_eval(self, config: RunConfig, cache_dir: Path | None) -> Callable[[nn.Module, int], dict] | None:
         """48-way zero-shot on 200 single-object validation scenes (shapes only)."""
