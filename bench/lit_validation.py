@@ -51,7 +51,7 @@ RECIPES = {"no anchors, lr 2e-3": (2e-3, 0.0), "no anchors, lr 5e-4": (5e-4, 0.0
 def features(threads: int) -> dict:
     """Locked-tower features of every training and validation photo and every prompt (computed once)."""
     if CACHE.is_file():
-        return torch.load(CACHE)
+        return torch.load(CACHE, weights_only=False)  # our own file: numpy rows and labels too
     torch.set_num_threads(threads)
     model = create_model(load_config("lit-fashion").model, seed=0).eval()
     texts = [format_prompt(t, c) for t in (*fashion.TRAIN_TEMPLATES, *fashion.EVAL_TEMPLATES)
