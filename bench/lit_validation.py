@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,10 +30,11 @@ from common import write_results  # noqa: E402
 
 from vlpt.config import load_config  # noqa: E402
 from vlpt.data import fashion  # noqa: E402
-from vlpt.data.digits import split_indices  # noqa: E402
 from vlpt.evaluate.zero_shot import format_prompt  # noqa: E402
 from vlpt.factory import create_model  # noqa: E402
+from vlpt.losses import infonce_loss  # noqa: E402
 from vlpt.train.anchors import classifier_anchors  # noqa: E402
+from vlpt.train.trainer import warmup_cosine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "runs" / "lit_validation" / "features.pt"
@@ -51,7 +50,7 @@ RECIPES = {"no anchors, lr 2e-3": (2e-3, 0.0), "no anchors, lr 5e-4": (5e-4, 0.0
 def features(threads: int) -> dict:
     """Locked-tower features of every training and validation photo and every prompt (computed once)."""
     if CACHE.is_file():
-        return torch.load(CACHE, weights_only=False)  # our own file: numpy rows and labels too
+        return torch.load(CACHE, weights_only=True)
     torch.set_num_threads(threads)
     model = create_model(load_config("lit-fashion").model, seed=0).eval()
     texts = [format_prompt(t, c) for t in (*fashion.TRAIN_TEMPLATES, *fashion.EVAL_TEMPLATES)
@@ -65,7 +64,7 @@ def features(threads: int) -> dict:
             images = torch.from_numpy(data.images)
             out[f"{split}_pooled"] = torch.cat([model.image_tower.forward_pooled(images[s:s + 512])
                                                 for s in range(0, len(images), 512)])
-            out[f"{split}_rows"], out[f"{split}_labels"] = data.indices, data.labels
+            out[f"{split}_rows"], out[f"{split}_labels"] = torch.from_numpy(data.indices), torch.from_numpy(data.labels)
             print(f"{split}: {len(images)} photos", flush=True)
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, CACHE)
@@ -79,11 +78,9 @@ class Replay:
         self.f = feats
         self.text_row = {t: i for i, t in enumerate(feats["texts"])}
         self.pooled_of = {int(r): k for k, r in enumerate(feats["train_rows"])}
-        labels = fashion.read_idx(fashion._idx_file(Path(fashion.DEFAULT_PATH), fashion.FILES["train"][1]))
-        self.labels = labels.astype(np.int64)
-        self.train_rows, _ = split_indices(self.labels, seed=0, test_fraction=fashion.VAL_SIZE / len(labels))
         self.config = load_config("lit-fashion")
         self.model = create_model(self.config.model, seed=0)
+        self.training_sets: dict[tuple[str, ...], fashion.FashionDataset] = {}
 
     def prompts(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in texts if t not in self.text_row]
@@ -96,14 +93,22 @@ class Replay:
             self.text_row.update({t: len(self.text_row) + i for i, t in enumerate(missing)})
         return self.f["text_pooled"][[self.text_row[t] for t in texts]]
 
+    def training_set(self, names: list[str]) -> fashion.FashionDataset:
+        """lit-fashion's training split with ``names`` held out (its rows and captions; read once per pair)."""
+        c = self.config.data
+        if tuple(names) not in self.training_sets:
+            self.training_sets[tuple(names)] = fashion.FashionDataset(
+                "train", image_size=c.image_size, seed=c.seed, num_captions=c.num_captions, size=c.train_size,
+                holdout_classes=names)
+        return self.training_sets[tuple(names)]
+
     def run(self, held: list[int], lr: float, anchor_weight: float, seed: int = 0) -> float:
         c, t = self.config.data, self.config.train
-        rows = self.train_rows[~np.isin(self.labels[self.train_rows], held)]
-        rows = rows[np.random.default_rng(c.seed).permutation(len(rows))][:c.train_size]
-        pooled = self.f["train_pooled"][[self.pooled_of[int(r)] for r in rows]]
-        captions = [fashion.captions_for(int(self.labels[r]), int(r), c.seed, c.num_captions) for r in rows]
-        caption_pooled = self.prompts([x for caps in captions for x in caps]).view(len(rows), c.num_captions, -1)
         names = [fashion.CLASS_NAMES[h] for h in held]
+        data = self.training_set(names)
+        rows = data.indices
+        pooled = self.f["train_pooled"][[self.pooled_of[int(r)] for r in rows]]
+        caption_pooled = self.prompts([x for caps in data.captions for x in caps]).view(len(rows), c.num_captions, -1)
         anchors = classifier_anchors(self.model.config.image, self.model.tokenizer, t.anchor_template, names)
         anchor_text = self.prompts([format_prompt(t.anchor_template, n) for n in anchors.names])
         torch.manual_seed(seed)
@@ -113,12 +118,9 @@ class Replay:
         matrices = [image_proj.weight, text_proj.weight]
         optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay},
                                        {"params": [logit_scale], "weight_decay": 0.0}], lr=lr)
-        w = t.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / w if s < w else
-                                                     0.5 * (1 + math.cos(math.pi * (s - w) / (t.steps - w))))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.steps))
         g = torch.Generator().manual_seed(seed)
         order, position, n = torch.randperm(len(rows), generator=g), 0, t.batch_size
-        target = torch.arange(n)
         for _ in range(t.steps):
             if position + n > len(rows):
                 order, position = torch.randperm(len(rows), generator=g), 0
@@ -127,16 +129,13 @@ class Replay:
             pick = torch.randint(0, c.num_captions, (n,), generator=g)
             x = pooled[batch]
             scale = logit_scale.clamp(0, self.config.model.max_logit_scale).exp()
-            logits = scale * F.normalize(image_proj(x), dim=-1) @ F.normalize(text_proj(caption_pooled[batch, pick]),
-                                                                              dim=-1).T
-            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+            loss = infonce_loss(F.normalize(image_proj(x), dim=-1),
+                                F.normalize(text_proj(caption_pooled[batch, pick]), dim=-1), scale)
             if anchor_weight:
                 a = torch.randperm(len(anchors), generator=g)[:n]
                 placed = x.mean(0) + x.norm(dim=1).mean() * anchors.directions[a]
-                logits = scale * F.normalize(image_proj(placed), dim=-1) @ F.normalize(text_proj(anchor_text[a]),
-                                                                                       dim=-1).T
-                anchor_loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-                loss = loss + anchor_weight * anchor_loss
+                loss = loss + anchor_weight * infonce_loss(F.normalize(image_proj(placed), dim=-1),
+                                                           F.normalize(text_proj(anchor_text[a]), dim=-1), scale)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*matrices, logit_scale], t.grad_clip)
@@ -146,10 +145,10 @@ class Replay:
             prompts = torch.stack([self.prompts([format_prompt(e, fashion.CLASS_NAMES[h])
                                                  for e in fashion.EVAL_TEMPLATES]) for h in held])  # (2, T, C)
             classes = F.normalize(F.normalize(text_proj(prompts), dim=-1).mean(1), dim=-1)
-            shown = torch.from_numpy(np.isin(self.f["val_labels"], held))
+            shown = torch.isin(self.f["val_labels"], torch.tensor(held))
             images = F.normalize(image_proj(self.f["val_pooled"][shown]), dim=-1)
             chosen = torch.tensor(held)[(images @ classes.T).argmax(1)]
-            return float((chosen == torch.from_numpy(self.f["val_labels"][shown.numpy()])).float().mean())
+            return float((chosen == self.f["val_labels"][shown]).float().mean())
 
 
 def main() -> None:
