@@ -52,8 +52,8 @@ class ContrastiveTask:
         self.generator = torch.Generator().manual_seed(seed)  # negatives for the pairwise loss, anchors drawn
         self.anchors = anchors if anchor_weight > 0 else None  # LiT: the image tower's classifier (train.anchors)
         self.anchor_weight = anchor_weight
-        if self.anchors is not None and loss == "pairwise":
-            raise ValueError("train.anchor_weight works with the infonce and siglip losses, not pairwise")
+        if self.anchors is not None and (problems := anchor_problems(None, loss)):
+            raise ValueError("; ".join(problems))
         core = getattr(model, "module", model)
         if loss in ("siglip", "pairwise") and core.logit_bias is None:
             raise ValueError(f"the {loss} loss needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
@@ -107,13 +107,9 @@ class Contrastive(TaskSpec):
         problems = super().check(config, env)
         if config.train.local_loss and config.train.loss != "infonce":
             problems.append(f"train.local_loss applies to the infonce loss only, not train.loss={config.train.loss}")
-        if config.train.anchor_weight > 0:
-            if not config.model.init_from:  # a model to start from brings its own towers
-                problems += anchor_problems(config.model.image)
-            if config.train.loss == "pairwise":
-                problems.append("train.anchor_weight works with the infonce and siglip losses, not pairwise")
-            if config.train.accum_mode == "gradcache":
-                problems.append("train.anchor_weight does not work with train.accum_mode=gradcache (use plain)")
+        if config.train.anchor_weight > 0:  # a model to start from (init_from) brings its own towers
+            image = None if config.model.init_from else config.model.image
+            problems += anchor_problems(image, config.train.loss, config.train.accum_mode)
         return problems
 
     def load_data(self, config: RunConfig, cache_dir: Path | None) -> Pairs | None:

@@ -60,11 +60,18 @@ class ClassAnchors:
                 "attention_mask": self.attention_mask[rows].to(device)}
 
 
-def anchor_problems(image: ImageTowerConfig) -> list[str]:
-    """Why an image tower cannot give class anchors ([] when it can)."""
+def anchor_problems(image: ImageTowerConfig | None, loss: str, accum_mode: str = "plain") -> list[str]:
+    """Why class anchors cannot train with this image tower (None: not known yet, a model to start from brings
+    its own), loss and accumulation mode ([] when they can)."""
     from vlpt.models.pretrained_weights import PACKAGE_WEIGHTS
 
     problems = []
+    if loss == "pairwise":
+        problems.append("train.anchor_weight works with the infonce and siglip losses, not pairwise")
+    if accum_mode == "gradcache":
+        problems.append("train.anchor_weight does not work with train.accum_mode=gradcache (use plain)")
+    if image is None:
+        return problems
     if not (image.pretrained and image.name in PACKAGE_WEIGHTS):
         problems.append(f"train.anchor_weight needs an image tower whose pretrained classifier ships in a package "
                         f"(model.image.name: {' | '.join(PACKAGE_WEIGHTS)} with pretrained: true), not "
@@ -83,7 +90,7 @@ def classifier_anchors(image: ImageTowerConfig, tokenizer: Tokenizer, template: 
     """The anchors of ``image``'s pretrained ImageNet classifier, none naming a class in ``holdout_classes``."""
     from vlpt.models.pretrained_weights import package_classifier
 
-    problems = anchor_problems(image)
+    problems = anchor_problems(image, "infonce")
     if problems:
         raise ValueError("; ".join(problems))
     rows = package_classifier(image.name).float()  # (1000, C)
