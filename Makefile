@@ -7,12 +7,15 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test install browser clean
 
-$(BIN)/activate:
+# A stamp, not bin/activate, marks the torch step done: a venv whose torch install failed (a full disk, a dropped
+# connection) is finished on the next run instead of being taken as ready.
+$(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
+	touch $@
 
-$(VENV)/.installed: $(BIN)/activate pyproject.toml
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
