@@ -43,6 +43,21 @@ def test_uint8_and_transformed_float_inputs_agree():
     assert_close_to_scale(model.encode_image(images), model.encode_image(floats))
 
 
+def test_uint8_pixels_are_normalised_by_the_tower_config_in_either_layout():
+    tower = ImageTower(ImageTowerConfig(name="resnet-tiny", image_size=16, mean=(0.4, 0.5, 0.6),
+                                        std=(0.2, 0.25, 0.3))).eval()
+    hwc = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    original = hwc.clone()
+    mean = torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (hwc.permute(0, 3, 1, 2).double() / 255 - mean) / std  # the formula, in float64
+    for images in (hwc, hwc.permute(0, 3, 1, 2).contiguous()):
+        out = tower.preprocess(images)
+        assert out.dtype == torch.float32 and out.shape == (2, 3, 16, 16)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(hwc, original)  # the caller's pixels are not normalised in place
+
+
 def test_embeddings_are_normalised_and_shaped():
     model = make_model()
     img = model.encode_image(torch.zeros(4, 32, 32, 3, dtype=torch.uint8))

@@ -251,13 +251,13 @@ class ImageTower(nn.Module):
         if images.dtype == torch.uint8:
             if images.shape[-1] == 3 and images.shape[1] != 3:  # (B, H, W, 3) -> (B, 3, H, W)
                 images = images.permute(0, 3, 1, 2)
-            images = images.float()
             size = self.config.image_size
             if images.shape[-2:] != (size, size) and images.shape[-2] == images.shape[-1]:
                 mode = self.config.interpolation
-                images = F.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
+                images = F.interpolate(images.float(), size=(size, size), mode=mode, antialias=mode != "nearest",
                                        align_corners=False if mode != "nearest" else None).clamp(0, 255)
-            images = images.sub_(self.mean).div_(self.std)  # in place: ``images`` is a new float tensor here
+            # uint8 - float mean promotes to float in the same pass (no separate conversion); then in place
+            images = (images - self.mean).div_(self.std)
         return images
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
