@@ -16,7 +16,7 @@ contrastive tower only has to tell captions apart within a batch; its token grid
 each object). The frozen mode is tested in tests/test_captioning.py and available with
 ``caption.from_run`` + ``caption.freeze_towers``.
 
-    .venv/bin/python bench/captioning.py [--quick] [--threads 2] [--runs-dir DIR]
+    .venv/bin/python bench/captioning.py [--quick] [--threads 2] [--runs-dir DIR] [--scorer RUN]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--runs-dir", type=Path, help="keep the two runs (reports, caption grids, models) here; "
                                                         "default: a temporary folder")
+    parser.add_argument("--scorer", type=Path, help="an independent tiny-shapes run (data.seed=1, train.seed=1, as "
+                                                     "trained here by default), e.g. the quality bench's seed1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = [f"train.threads={args.threads}"] + (QUICK if args.quick else [])
@@ -55,11 +57,12 @@ def main() -> None:
         figures: dict = {}
 
         start = time.perf_counter()
-        scorer = runs / "tiny-shapes-scorer"  # independent of the captioner: other seeds, other scenes
-        run(load_config("tiny-shapes", [f"train.threads={args.threads}", "data.seed=1", "train.seed=1"]
-                        + (["train.steps=20", "data.train_size=1024"] if args.quick else [])),
-            scorer, overwrite=True, cache_dir=default_cache_dir())
-        figures["scorer_wall_seconds"] = time.perf_counter() - start
+        scorer = args.scorer or runs / "tiny-shapes-scorer"  # independent of the captioner: other seeds and scenes
+        if args.scorer is None:
+            run(load_config("tiny-shapes", [f"train.threads={args.threads}", "data.seed=1", "train.seed=1"]
+                            + (["train.steps=20", "data.train_size=1024"] if args.quick else [])),
+                scorer, overwrite=True, cache_dir=default_cache_dir())
+            figures["scorer_wall_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         shapes_config = load_config("caption-shapes", overrides + [f"caption.scorer={scorer}"])
         shapes = run(shapes_config, runs / "caption-shapes", overwrite=True, cache_dir=default_cache_dir())
@@ -94,7 +97,8 @@ def main() -> None:
         print_table("captioning (--quick smoke run, not written)", figures)
         return
     write_results("captioning", figures, {"shapes_config": "caption-shapes", "digits_config": "caption-digits",
-                                          "overrides": overrides, "decoding": "greedy vs beam 3 (length_penalty 1.0)"})
+                                          "overrides": overrides, "decoding": "greedy vs beam 3 (length_penalty 1.0)",
+                                          "scorer": str(scorer)})
 
 
 if __name__ == "__main__":
