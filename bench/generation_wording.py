@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, write_results
+from common import RESULTS, write_results
 
 from vlpt.config import load_config
 from vlpt.data.shapes import default_cache_dir
@@ -30,7 +30,7 @@ from vlpt.tasks.generate import JUDGE_SEED_OFFSET, JudgeConfig, evaluation_sets,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=REPO / "bench" / "runs" / "generation" / "generate-shapes")
+    parser.add_argument("--run", type=Path, default=RESULTS.parent / "runs" / "generation" / "generate-shapes")
     parser.add_argument("--scenes", type=int, default=135, help="validation scenes (single object)")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=2)
