@@ -30,9 +30,10 @@ from common import write_results  # noqa: E402
 
 from vlpt.config import load_config  # noqa: E402
 from vlpt.data import fashion  # noqa: E402
-from vlpt.evaluate.zero_shot import format_prompt  # noqa: E402
+from vlpt.evaluate.zero_shot import build_prompt_classifier, format_prompt  # noqa: E402
 from vlpt.factory import create_model  # noqa: E402
 from vlpt.losses import infonce_loss  # noqa: E402
+from vlpt.models.dual_encoder import place_anchors  # noqa: E402
 from vlpt.train.anchors import classifier_anchors  # noqa: E402
 from vlpt.train.trainer import warmup_cosine  # noqa: E402
 
@@ -133,7 +134,7 @@ class Replay:
                                 F.normalize(text_proj(caption_pooled[batch, pick]), dim=-1), scale)
             if anchor_weight:
                 a = torch.randperm(len(anchors), generator=g)[:n]
-                placed = x.mean(0) + x.norm(dim=1).mean() * anchors.directions[a]
+                placed = place_anchors(x, anchors.directions[a])
                 loss = loss + anchor_weight * infonce_loss(F.normalize(image_proj(placed), dim=-1),
                                                            F.normalize(text_proj(anchor_text[a]), dim=-1), scale)
             optimizer.zero_grad()
@@ -142,12 +143,11 @@ class Replay:
             optimizer.step()
             schedule.step()
         with torch.no_grad():
-            prompts = torch.stack([self.prompts([format_prompt(e, fashion.CLASS_NAMES[h])
-                                                 for e in fashion.EVAL_TEMPLATES]) for h in held])  # (2, T, C)
-            classes = F.normalize(F.normalize(text_proj(prompts), dim=-1).mean(1), dim=-1)
+            classes = build_prompt_classifier(lambda texts: text_proj(self.prompts(texts)), [
+                [format_prompt(e, fashion.CLASS_NAMES[h]) for e in fashion.EVAL_TEMPLATES] for h in held])  # (D, 2)
             shown = torch.isin(self.f["val_labels"], torch.tensor(held))
             images = F.normalize(image_proj(self.f["val_pooled"][shown]), dim=-1)
-            chosen = torch.tensor(held)[(images @ classes.T).argmax(1)]
+            chosen = torch.tensor(held)[(images @ classes).argmax(1)]
             return float((chosen == self.f["val_labels"][shown]).float().mean())
 
 

@@ -88,6 +88,12 @@ class PooledCache:
         return torch.stack([self.entries[k] for k in keys])
 
 
+
+def place_anchors(pooled: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Class anchors in the image tower's pooled space (A, C): the batch's mean pooled output (B, C) moved along
+    each unit direction by the batch's mean pooled norm, so the anchors sit where this data's features are."""
+    return pooled.mean(0) + pooled.norm(dim=1).mean() * directions
+
 class DualEncoder(SavesPretrained, nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None,
                  load_pretrained_weights: bool = True):
@@ -208,9 +214,8 @@ class DualEncoder(SavesPretrained, nn.Module):
             "logit_bias": self.logit_bias,
         }
         if anchors is not None:
-            pooled = pooled.detach()
-            centre, reach = pooled.mean(0), pooled.norm(dim=1).mean()
-            out["anchor_image_features"] = F.normalize(self.image_proj(centre + reach * anchors["directions"]), dim=-1)
+            placed = place_anchors(pooled.detach(), anchors["directions"])
+            out["anchor_image_features"] = F.normalize(self.image_proj(placed), dim=-1)
             out["anchor_text_features"] = self.encode_text({"input_ids": anchors["input_ids"],
                                                             "attention_mask": anchors["attention_mask"]})
         return out

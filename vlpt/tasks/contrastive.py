@@ -52,7 +52,7 @@ class ContrastiveTask:
         self.generator = torch.Generator().manual_seed(seed)  # negatives for the pairwise loss, anchors drawn
         self.anchors = anchors if anchor_weight > 0 else None  # LiT: the image tower's classifier (train.anchors)
         self.anchor_weight = anchor_weight
-        if self.anchors is not None and (problems := anchor_problems(None, loss)):
+        if self.anchors is not None and (problems := anchor_problems(loss=loss)):
             raise ValueError("; ".join(problems))
         core = getattr(model, "module", model)
         if loss in ("siglip", "pairwise") and core.logit_bias is None:

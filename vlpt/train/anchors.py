@@ -60,9 +60,10 @@ class ClassAnchors:
                 "attention_mask": self.attention_mask[rows].to(device)}
 
 
-def anchor_problems(image: ImageTowerConfig | None, loss: str, accum_mode: str = "plain") -> list[str]:
-    """Why class anchors cannot train with this image tower (None: not known yet, a model to start from brings
-    its own), loss and accumulation mode ([] when they can)."""
+def anchor_problems(image: ImageTowerConfig | None = None, loss: str | None = None,
+                    accum_mode: str | None = None) -> list[str]:
+    """Why class anchors cannot train with this image tower, loss and accumulation mode ([] when they can);
+    what is None is not checked (an image tower is not known yet when a model to start from brings its own)."""
     from vlpt.models.pretrained_weights import PACKAGE_WEIGHTS
 
     problems = []
@@ -90,7 +91,7 @@ def classifier_anchors(image: ImageTowerConfig, tokenizer: Tokenizer, template: 
     """The anchors of ``image``'s pretrained ImageNet classifier, none naming a class in ``holdout_classes``."""
     from vlpt.models.pretrained_weights import package_classifier
 
-    problems = anchor_problems(image, "infonce")
+    problems = anchor_problems(image)
     if problems:
         raise ValueError("; ".join(problems))
     rows = package_classifier(image.name).float()  # (1000, C)
