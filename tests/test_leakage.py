@@ -24,7 +24,8 @@ def shapes_training_configs() -> list[shapes.ShapesConfig]:
         if d.dataset != "shapes":
             continue
         found.add(shapes.ShapesConfig(split="train", size=d.train_size, num_captions=d.num_captions, seed=d.seed,
-                                      twins=d.twins, count_weights=d.count_weights))  # pixels play no part
+                                      twins=d.twins, count_weights=d.count_weights,
+                                      caption_openers=d.caption_openers))  # pixels play no part
         ft = config.finetune
         found.add(shapes.ShapesConfig(split="train", size=ft.train_size, num_captions=d.num_captions, seed=d.seed))
         found.add(shapes.ShapesConfig(split="train", size=ft.train_size, num_captions=d.num_captions, seed=d.seed,
@@ -139,7 +140,7 @@ def test_training_questions_never_name_a_held_out_pair():
 def test_generation_prompts_never_occur_in_the_generators_training_captions(training_scenes):
     """The generator learns from the data's captions; its validation, test and compositional prompts are worded
     with held-out templates (and validation and test share none)."""
-    from vlpt.tasks.generate import digits_prompts, shapes_prompts
+    from vlpt.tasks.generate import SHAPES_PROMPT_TEMPLATES, digits_prompts, shapes_prompts
 
     captions = [c for s in training_scenes for c in s.captions]
     config = load_config("generate-shapes")
@@ -151,6 +152,9 @@ def test_generation_prompts_never_occur_in_the_generators_training_captions(trai
         prompts[name] = shapes_prompts(scenes, "val" if name == "val" else "test")
     assert all(leaks(p, captions) == [] for p in prompts.values())
     assert not set(prompts["val"]) & set(prompts["test"] + prompts["compositional"])
+    assert d.caption_openers  # position captions come in several training frames, never an evaluation one
+    openings = [t.format("").strip() for ts in SHAPES_PROMPT_TEMPLATES.values() for t in ts]
+    assert [c for c in captions if c.startswith(tuple(openings))] == []
     train = digits.DigitsDataset(digits.DigitsConfig(split="train", image_size=8))
     digit_captions = [c for caps in train.captions for c in caps]
     digit_prompts = {split: digits_prompts([i % 10 for i in range(20)], split) for split in ("val", "test")}

@@ -11,6 +11,7 @@ from vlpt.data.shapes import (
     SIZES,
     ShapesConfig,
     ShapesDataset,
+    make_scenes,
     sample_scene,
 )
 
@@ -52,6 +53,25 @@ def test_scene_contents_labels_and_captions():
         for obj in scene.objects:  # every caption names every object's color
             assert all(obj.color in c for c in caps)
     assert any(r in c for caps in ds.captions for c in caps for r in ("above", "below", "left of", "right of"))
+
+
+def test_caption_openers_frame_the_position_captions_and_keep_their_words():
+    """Style 1 (every object's size and position, the second caption) comes bare by default and in the other
+    captions' sentence frames with ``caption_openers``; the described objects stay the same."""
+    frames = [f.format("") for f in shapes.PLAIN_OPENERS + shapes.SCENE_OPENERS if f != "{}"]
+    plain = make_scenes(ShapesConfig(size=200, max_objects=1, num_captions=2))
+    framed = make_scenes(ShapesConfig(size=200, max_objects=1, num_captions=2, caption_openers=True))
+    for bare_scene, framed_scene in zip(plain, framed):
+        assert bare_scene.objects == framed_scene.objects
+        obj = framed_scene.primary
+        position = shapes.POSITION_PHRASES[obj.cell]
+        assert bare_scene.captions[1].endswith(position) and bare_scene.captions[1].startswith(("a ", "an "))
+        caption = framed_scene.captions[1]
+        assert position in caption and obj.color in caption
+    used = {f for s in framed for f in frames if f.strip() and f.strip() in s.captions[1]}
+    assert len(used) >= 4  # varied frames, not one
+    assert sum(s.captions[1].startswith(("a ", "an ")) and not any(f.strip() in s.captions[1] for f in frames
+                                                                   if f.strip()) for s in framed) >= 10  # some bare
 
 
 def test_relation_captions_are_true():

@@ -215,6 +215,7 @@ class DataConfig:
     twins: bool = False  # shapes only: pair every scene with a minimal edit of it in the same batch
     caption_noise: float = checked(0.0, between(0, 1))  # contrastive: odds a caption gets 1-3 random nonsense words (robust to unseen wording)
     count_weights: tuple[float, float, float] = checked((1.0, 1.0, 1.0), odds)  # shapes train set: odds of 1, 2, 3 objects
+    caption_openers: bool = False  # shapes train set: size-and-position captions also in the other captions' sentence frames ("there is ...")
     holdout_classes: tuple[str, ...] = ()  # fashion: class names kept out of training (images and captions); zero-shot reports them apart
     num_workers: int = checked(2, at_least(0))  # shards: DataLoader worker processes per rank decoding images
     shuffle_buffer: int = checked(1000, at_least(1))  # shards: decoded samples each worker holds to shuffle

@@ -200,10 +200,12 @@ def _scene_rng(seed: int, split: str, index: int, stream: int) -> np.random.Gene
 def sample_scene(
     seed: int, split: str, index: int, min_objects: int = 1, max_objects: int = 3,
     num_captions: int = 5, count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    caption_openers: bool = False,
 ) -> Scene:
     """Sample scene ``index`` of ``split``: objects, captions and questions (no pixels).
 
-    ``count_weights`` are relative probabilities of 1, 2 and 3 objects (within min..max objects).
+    ``count_weights`` are relative probabilities of 1, 2 and 3 objects (within min..max objects);
+    ``caption_openers``: see ``make_captions``.
     """
     rng = _scene_rng(seed, split, index, 0)
     counts = np.arange(min_objects, max_objects + 1)
@@ -240,12 +242,12 @@ def sample_scene(
         ))
     background = tuple(int(v) for v in rng.integers(25, 95, size=3))
     scene = Scene(objects=objects, background=background)
-    scene.captions = make_captions(scene, rng, num_captions)
+    scene.captions = make_captions(scene, rng, num_captions, caption_openers)
     scene.questions = make_questions(scene, rng, "val" if split == "val" else "test")
     return scene
 
 
-def edit_scene(scene: Scene, rng: np.random.Generator, num_captions: int) -> Scene:
+def edit_scene(scene: Scene, rng: np.random.Generator, num_captions: int, caption_openers: bool = False) -> Scene:
     """A minimal edit: one attribute (shape, color, size or cell) of one object changes.
 
     Shown in the same batch as the original, the pair is a hard negative by construction: only the
@@ -272,7 +274,7 @@ def edit_scene(scene: Scene, rng: np.random.Generator, num_captions: int) -> Sce
         attribute, options = "size", [s for s in SIZES if s != obj.size]
     objects[k] = dataclasses.replace(obj, **{attribute: options[int(rng.integers(len(options)))]})
     edited = Scene(objects=objects, background=scene.background)
-    edited.captions = make_captions(edited, rng, num_captions)
+    edited.captions = make_captions(edited, rng, num_captions, caption_openers)
     edited.questions = make_questions(edited, rng)
     return edited
 
@@ -353,8 +355,17 @@ def _join(phrases: list[str]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int) -> list[str]:
-    """Several captions per scene, like COCO's five: varied templates, synonyms, relations."""
+# Sentence frames of the training captions (styles 0 and 4 below). Evaluation templates use none of them.
+PLAIN_OPENERS = ("{}", "a picture of {}", "an image showing {}")
+SCENE_OPENERS = ("{} on a textured background", "there is {}", "a scene with {}")
+
+
+def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int, openers: bool = False) -> list[str]:
+    """Several captions per scene, like COCO's five: varied templates, synonyms, relations.
+
+    ``openers``: the captions that give every object's size and position (style 1) also come in the other
+    styles' sentence frames ("there is ...", "a picture of ..."), not only bare: a model conditioned on them
+    (the text -> image generator) then finds the position words wherever a prompt's opening puts them."""
     objs = scene.objects
     n = len(objs)
     count_word = ("one", "two", "three")[n - 1]
@@ -364,9 +375,11 @@ def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int) -> 
         style = k % 5
         if style == 0:  # plain list, colors and shapes
             text = _join([describe(o, rng, 0) for o in order])
-            text = _pick(rng, ("{}", "a picture of {}", "an image showing {}")).format(text)
+            text = _pick(rng, PLAIN_OPENERS).format(text)
         elif style == 1:  # size and position of every object
             text = _join([describe(o, rng, 2) for o in order])
+            if openers:
+                text = _pick(rng, PLAIN_OPENERS + SCENE_OPENERS).format(text)
         elif style == 2 and n >= 2:  # a relation, then the rest
             a, b = order[0], order[1]
             text = f"{describe(a, rng, 1)} {relation(a, b)} {describe(b, rng, 1)}"
@@ -377,8 +390,7 @@ def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int) -> 
             text = f"{count_word} {shapes}: " + _join([describe(o, rng, 1) for o in order])
         else:  # sizes, objects in a scene
             text = _join([describe(o, rng, 1) for o in order])
-            text = _pick(rng, ("{} on a textured background", "there is {}", "a scene with {}")).format(
-                text) if n == 1 else f"a scene with {text}"
+            text = _pick(rng, SCENE_OPENERS).format(text) if n == 1 else f"a scene with {text}"
         captions.append(text)
     return captions
 
@@ -535,6 +547,7 @@ class ShapesConfig:
     seed: int = 0
     twins: bool = False  # train only: every odd scene is a minimal edit of the scene before it
     count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # relative odds of 1, 2, 3 objects
+    caption_openers: bool = False  # size-and-position captions also in the other captions' sentence frames
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -554,10 +567,11 @@ def make_scenes(config: ShapesConfig) -> list[Scene]:
     scenes: list[Scene] = []
     for i in range(config.size):
         if config.twins and i % 2 == 1:
-            scenes.append(edit_scene(scenes[i - 1], _scene_rng(config.seed, config.split, i, 2), config.num_captions))
+            scenes.append(edit_scene(scenes[i - 1], _scene_rng(config.seed, config.split, i, 2), config.num_captions,
+                                     config.caption_openers))
         else:
             scenes.append(sample_scene(config.seed, config.split, i, config.min_objects, config.max_objects,
-                                       config.num_captions, config.count_weights))
+                                       config.num_captions, config.count_weights, config.caption_openers))
     return scenes
 
 

@@ -17,7 +17,8 @@ DATASET_OPTIONS = {
     "path": ("files", "shards", "fashion"), "eval_path": ("files", "shards"), "train_size": ("shapes", "fashion"),
     "num_captions": ("shapes", "digits", "fashion"), "seed": ("shapes", "digits", "fashion"),
     "holdout_classes": ("fashion",), "augment": ("digits", "files"),
-    "twins": ("shapes",), "count_weights": ("shapes",), "num_workers": ("shards",), "shuffle_buffer": ("shards",),
+    "twins": ("shapes",), "count_weights": ("shapes",), "caption_openers": ("shapes",),
+    "num_workers": ("shards",), "shuffle_buffer": ("shards",),
     "resample": ("shards",), "max_consecutive_failures": ("shards",),
 }
 
@@ -55,7 +56,7 @@ def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = Fa
     if data.dataset == "shapes":
         train_only = {}
         if split == "train" and not single:
-            train_only = dict(twins=data.twins, count_weights=data.count_weights)
+            train_only = dict(twins=data.twins, count_weights=data.count_weights, caption_openers=data.caption_openers)
         return shapes.ShapesDataset(shapes.ShapesConfig(
             split=split, size=size, image_size=data.image_size, min_objects=1, max_objects=1 if single else 3,
             num_captions=data.num_captions, seed=data.seed, **train_only), cache_dir=cache_dir)

@@ -140,7 +140,7 @@ def task_split(config: RunConfig, split: str, cache_dir=None):
         return load_split(data, split)
     if data.dataset == "fashion":
         return load_split(data, split, ft.train_size)  # test: the whole published test file
-    plain = dataclasses.replace(data, twins=False, count_weights=(1.0, 1.0, 1.0))
+    plain = dataclasses.replace(data, twins=False, count_weights=(1.0, 1.0, 1.0), caption_openers=False)
     size = ft.train_size if split == "train" else ft.test_size
     return load_split(plain, split, size, single=config.train.task == "classify", cache_dir=cache_dir)
 
@@ -212,7 +212,7 @@ def finetune_config(base: RunConfig, task: str, fusion: str | None = None, from_
         source = Path(from_run)
         if (source / RUN_CONFIG).exists():  # a run folder: fine-tune on its data set
             pre = load_config(source / RUN_CONFIG)
-            config.data = dataclasses.replace(pre.data, twins=False, count_weights=(1.0, 1.0, 1.0))
+            config.data = dataclasses.replace(pre.data, twins=False, count_weights=(1.0, 1.0, 1.0), caption_openers=False)
             config.model = pre.model
         else:
             config.model = load_dual_encoder(source).config
