@@ -169,6 +169,28 @@ def generator_run(tmp_path_factory):
     return runs / "gen"
 
 
+def test_the_generator_trains_on_captions_with_nonsense_words_inserted():
+    """data.caption_noise applies to text -> image: the prompt's words stay, in order, with 1-3 unknown words
+    inserted, so an opening the generator never trained on ("a rendering of ...") passes."""
+    from vlpt.config import load_config
+    from vlpt.data.splits import Pairs
+    from vlpt.factory import create_model
+    from vlpt.tasks.generate import TextToImage
+    from vlpt.train.distributed import DistributedEnv
+
+    config = load_config("generate-shapes", TINY + ["data.caption_noise=1.0"])
+    task = TextToImage()
+    assert not [n for n in task.unused_options(config) if "caption_noise" in n]
+    captions = [[f"a large red circle in the top left {i}"] for i in range(16)]
+    model = create_model(config.model, corpus=[c for cs in captions for c in cs])
+    data = Pairs(np.zeros((16, 32, 32, 3), np.uint8), captions, np.zeros(16, np.int64))
+    noisy = task.batches(config, data, model, DistributedEnv()).batch(0)
+    clean = task.batches(load_config("generate-shapes", TINY + ["data.caption_noise=0"]), data, model,
+                         DistributedEnv()).batch(0)
+    assert torch.equal(noisy["index"], clean["index"])
+    assert (noisy["attention_mask"].sum(1) > clean["attention_mask"].sum(1)).all()
+
+
 def test_generate_run_trains_evaluates_and_reports(generator_run):
     metrics = json.loads((generator_run / "metrics.json").read_text())
     for key in ("judge_color_acc", "judge_shape_acc", "judge_position_acc", "judge_size_acc", "val_judge_mean_acc_g1",

@@ -242,6 +242,7 @@ class TextToImage(TaskSpec):
     name = "generate"
     description = "text -> image: a diffusion UNet conditioned on a dual encoder's text tower"
     sections = ("generate",)
+    caption_noise = True  # prompts in wording the generator never trained on pass (docs/generation.md)
 
     def check(self, config: RunConfig, env: DistributedEnv) -> list[str]:
         problems = super().check(config, env)
@@ -273,7 +274,7 @@ class TextToImage(TaskSpec):
         return model.dual_encoder
 
     def batches(self, config: RunConfig, data: Pairs, model: TextToImageGenerator, env: DistributedEnv):
-        return pair_batches(config, data, model.tokenizer, env, twins=False)
+        return pair_batches(config, data, model.tokenizer, env, twins=False, caption_noise=True)
 
     def objective(self, config: RunConfig, model: TextToImageGenerator, env: DistributedEnv, device: torch.device):
         return data_parallel(GenerateTask(model, config.train.seed, env.rank, env.world_size), env, device)
