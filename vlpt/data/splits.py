@@ -3,6 +3,7 @@ data modules (shapes, digits, the user's files or shards)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -12,6 +13,8 @@ from vlpt.config import DataConfig
 from vlpt.data import digits, fashion, files, shapes, shards
 
 DATASETS = ("shapes", "digits", "fashion", "files", "shards")
+# Shapes options that shape only the multi-object training split; fine-tuning and held-out splits leave them out.
+SHAPES_TRAINING_OPTIONS = ("twins", "count_weights", "caption_openers")
 # DataConfig fields that only some data sets read (the others read every field).
 DATASET_OPTIONS = {
     "path": ("files", "shards", "fashion"), "eval_path": ("files", "shards"), "train_size": ("shapes", "fashion"),
@@ -42,6 +45,13 @@ def dataset_options_not_applying(data: DataConfig) -> list[str]:
             if data.dataset not in datasets and getattr(data, name) != getattr(defaults, name)]
 
 
+def without_training_options(data: DataConfig) -> DataConfig:
+    """``data`` with ``SHAPES_TRAINING_OPTIONS`` at their defaults: i.i.d. scenes (no twins, equal object counts,
+    plain captions), as fine-tuning trains and tests on."""
+    defaults = DataConfig()
+    return dataclasses.replace(data, **{name: getattr(defaults, name) for name in SHAPES_TRAINING_OPTIONS})
+
+
 def applies(data: DataConfig, option: str) -> bool:
     """Whether ``data.dataset`` reads ``data.<option>`` (see ``DATASET_OPTIONS``)."""
     return data.dataset in DATASET_OPTIONS.get(option, DATASETS)
@@ -56,7 +66,7 @@ def load_split(data: DataConfig, split: str, size: int = 1000, single: bool = Fa
     if data.dataset == "shapes":
         train_only = {}
         if split == "train" and not single:
-            train_only = dict(twins=data.twins, count_weights=data.count_weights, caption_openers=data.caption_openers)
+            train_only = {name: getattr(data, name) for name in SHAPES_TRAINING_OPTIONS}
         return shapes.ShapesDataset(shapes.ShapesConfig(
             split=split, size=size, image_size=data.image_size, min_objects=1, max_objects=1 if single else 3,
             num_captions=data.num_captions, seed=data.seed, **train_only), cache_dir=cache_dir)

@@ -88,11 +88,11 @@ class PooledCache:
         return torch.stack([self.entries[k] for k in keys])
 
 
-
 def place_anchors(pooled: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """Class anchors in the image tower's pooled space (A, C): the batch's mean pooled output (B, C) moved along
     each unit direction by the batch's mean pooled norm, so the anchors sit where this data's features are."""
     return pooled.mean(0) + pooled.norm(dim=1).mean() * directions
+
 
 class DualEncoder(SavesPretrained, nn.Module):
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vlpt.config import RunConfig, load_config
 from vlpt.data import digits, fashion, shapes
 from vlpt.data.finetune import CODED_WORDS, ClassifyBatches, MatchBatches, QuestionBatches, flatten_questions
-from vlpt.data.splits import applies, load_split
+from vlpt.data.splits import applies, load_split, without_training_options
 from vlpt.evaluate.finetune import (
     answer_questions,
     evaluate_classifier,
@@ -140,7 +140,7 @@ def task_split(config: RunConfig, split: str, cache_dir=None):
         return load_split(data, split)
     if data.dataset == "fashion":
         return load_split(data, split, ft.train_size)  # test: the whole published test file
-    plain = dataclasses.replace(data, twins=False, count_weights=(1.0, 1.0, 1.0), caption_openers=False)
+    plain = without_training_options(data)
     size = ft.train_size if split == "train" else ft.test_size
     return load_split(plain, split, size, single=config.train.task == "classify", cache_dir=cache_dir)
 
@@ -212,7 +212,7 @@ def finetune_config(base: RunConfig, task: str, fusion: str | None = None, from_
         source = Path(from_run)
         if (source / RUN_CONFIG).exists():  # a run folder: fine-tune on its data set
             pre = load_config(source / RUN_CONFIG)
-            config.data = dataclasses.replace(pre.data, twins=False, count_weights=(1.0, 1.0, 1.0), caption_openers=False)
+            config.data = without_training_options(pre.data)
             config.model = pre.model
         else:
             config.model = load_dual_encoder(source).config
