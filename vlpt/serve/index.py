@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -234,22 +235,46 @@ def image_precision(requested: str, model) -> str:
 
 
 DECODE_RUN = 16  # images per decoding task (a future per image costs main-thread time)
+CPU_RUN = 32  # images per task on a CPU, decoded and embedded by one worker
+
+
+def single_threaded_pool(workers: int, name: str) -> futures.ThreadPoolExecutor:
+    """``workers`` threads whose torch operations each run on one intra-op thread. The process's own setting is
+    put back once they have started (``torch.set_num_threads`` also changes the default of threads that start
+    later), so only these threads are affected."""
+    threads = torch.get_num_threads()
+    started = threading.Barrier(workers + 1)
+
+    def one_thread():
+        torch.set_num_threads(1)
+        started.wait()
+
+    pool = futures.ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=one_thread)
+    for _ in range(workers):  # each waits in the barrier, so every submit starts a new thread
+        pool.submit(lambda: None)
+    started.wait()
+    torch.set_num_threads(threads)
+    return pool
 
 
 class Embedder:
-    """Images (decoded by a thread pool, ahead of the model) and texts -> L2-normalised float32 vectors."""
+    """Images and texts -> L2-normalised float32 vectors.
+
+    On a CPU, each of ``workers`` threads (default: torch's thread count) decodes a run of images and embeds it
+    on one intra-op thread: the cores never wait for one another, where decoding a batch on threads and then
+    embedding it on all cores left them idle while Python held its lock (decoding beside a multi-threaded
+    forward was slower still: its threads wait for a preempted peer). 1.2x the images per second on 2 cores.
+    With the model on an accelerator, threads decode the next batches while it runs."""
 
     def __init__(self, model, options: IndexOptions, progress=None):
         self.model, self.options, self.progress = inference_ready(model), options, progress
         self.precision = image_precision(options.precision, model)
         self.device_type = next(model.parameters()).device.type
-        # On a CPU a batch is decoded, then embedded: decoding threads beside the model's on the same cores slowed
-        # both (OpenMP threads wait for a preempted peer; 8% here). With the model on an accelerator the next
-        # batches are decoded while it runs.
         self.decode_ahead = self.device_type != "cpu"
         self.prep = Preprocessing.of(model)
-        self.pool = futures.ThreadPoolExecutor(options.workers or torch.get_num_threads(),
-                                               thread_name_prefix="vlpt-decode")
+        self.workers = options.workers or torch.get_num_threads()
+        self.pool = (futures.ThreadPoolExecutor(self.workers, thread_name_prefix="vlpt-decode") if self.decode_ahead
+                     else single_threaded_pool(self.workers, "vlpt-embed"))
         self.dim = int(model.config.embed_dim)
 
     def close(self) -> None:
@@ -262,8 +287,6 @@ class Embedder:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model.encode_image(torch.stack(tensors)).float().numpy()  # (B, D)
         out /= np.linalg.norm(out, axis=1, keepdims=True)  # normalised again in fp32 (bf16 keeps 3 digits)
-        if self.progress is not None:
-            self.progress.update(len(tensors))
         return out
 
     def texts(self, texts: list[str]) -> np.ndarray:
@@ -275,41 +298,67 @@ class Embedder:
             raise ValueError("this model has no tokenizer, so its texts cannot be embedded")
         return embed_texts(self.model, texts, self.options.batch_size).numpy()
 
-    def stream(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[list, np.ndarray]]:
-        """(items, vectors) per model batch, from (item, tensor) pairs (tensor None: skipped)."""
-        batch_items, batch = [], []
-        for item, tensor in decoded:
-            if tensor is None:
-                continue
-            batch_items.append(item)
-            batch.append(tensor)
-            if len(batch) == self.options.batch_size:
-                yield batch_items, self.images(batch)
-                batch_items, batch = [], []
-        if batch:
-            yield batch_items, self.images(batch)
+    def embed(self, decoded: list[tuple[object, torch.Tensor | None]]) -> tuple[list, np.ndarray]:
+        """(items, vectors) of the (item, tensor) pairs whose tensor is not None (None: could not be decoded)."""
+        kept = [(item, tensor) for item, tensor in decoded if tensor is not None]
+        return [item for item, _ in kept], self.images([tensor for _, tensor in kept])
+
+    def batches(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[list]:
+        """(item, tensor) pairs, in runs of a model batch (accelerator) or ``CPU_RUN`` (CPU)."""
+        size = self.options.batch_size if self.decode_ahead else min(self.options.batch_size, CPU_RUN)
+        run = []
+        for pair in decoded:
+            run.append(pair)
+            if len(run) == size:
+                yield run
+                run = []
+        if run:
+            yield run
+
+    def embedded(self, runs: Iterable) -> Iterator[tuple[list, np.ndarray]]:
+        """(items, vectors) per run, in order: on a CPU the runs are embedded by the worker threads."""
+        done = (_ordered_map(self.pool, self.embed, runs, 2 * self.workers) if not self.decode_ahead
+                else map(self.embed, runs))
+        for items, vectors in done:
+            if self.progress is not None:
+                self.progress.update(len(items))
+            yield items, vectors
+
+    def _folder_runs(self, items: Sequence) -> Iterator[tuple[list, np.ndarray, list]]:
+        """(items, vectors, failures) per run of a folder's items, in file order."""
+        def decode(run):
+            return [(item, *_try_decode(decode_file, item.path, self.prep)) for item in run]
+
+        if not self.decode_ahead:  # a CPU: each worker decodes its run, then embeds it
+            def decode_and_embed(run):
+                triples = decode(run)
+                return (*self.embed([(item, tensor) for item, tensor, _ in triples]),
+                        [(item, problem) for item, _, problem in triples if problem])
+
+            runs = [items[s:s + CPU_RUN] for s in range(0, len(items), CPU_RUN)]
+            for found, vectors, failures in _ordered_map(self.pool, decode_and_embed, runs, 2 * self.workers):
+                if self.progress is not None:
+                    self.progress.update(len(found))
+                yield found, vectors, failures
+            return
+        runs = [items[s:s + DECODE_RUN] for s in range(0, len(items), DECODE_RUN)]
+        failures = []
+
+        def decoded():  # failures listed here, in file order (worker threads finish in any order)
+            for run in _ordered_map(self.pool, decode, runs, 2 * max(1, self.options.batch_size // DECODE_RUN)):
+                for item, tensor, problem in run:
+                    if problem:
+                        failures.append((item, problem))
+                    yield item, tensor
+        for found, vectors in self.embedded(self.batches(decoded())):
+            yield found, vectors, failures[:]
+            failures.clear()
 
     def part(self, source: Source, i: int, fingerprint: str) -> Part:
         images, vectors, failures, texts = [], [], [], []
         if source.kind == "folder":
-            def decode(items):
-                return [(item, *_try_decode(decode_file, item.path, self.prep)) for item in items]
-
-            def decoded():  # failures listed here, in file order (worker threads finish in any order)
-                part = source.parts[i]
-                runs = [part[s:s + DECODE_RUN] for s in range(0, len(part), DECODE_RUN)]
-                per_batch = max(1, self.options.batch_size // DECODE_RUN)
-                if self.decode_ahead:
-                    done = _ordered_map(self.pool, decode, runs, 2 * per_batch)
-                else:
-                    done = (run for b in range(0, len(runs), per_batch)
-                            for run in self.pool.map(decode, runs[b:b + per_batch]))
-                for run in done:
-                    for item, tensor, problem in run:
-                        if problem:
-                            failures.append({"where": item.ref, "reason": problem})
-                        yield item, tensor
-            for items, vecs in self.stream(decoded()):
+            for items, vecs, problems in self._folder_runs(source.parts[i]):
+                failures += [{"where": item.ref, "reason": problem} for item, problem in problems]
                 vectors.append(vecs)
                 images += [{"path": it.ref, "key": None, "member": None, "row": it.row, "captions": it.captions,
                             "label": it.label} for it in items]
@@ -317,12 +366,12 @@ class Embedder:
             shard = Path(source.parts[i])
             names = source.class_names
 
-            def decoded():
+            def decoded():  # the tar is read in order here; the model runs on the workers (CPU)
                 for s in shard_items(shard, self.prep):
                     if s.failure:
                         failures.append({"where": f"{shard.name}:{s.key}", "reason": s.failure})
                     yield s, s.image
-            for items, vecs in self.stream(decoded()):
+            for items, vecs in self.embedded(self.batches(decoded())):
                 vectors.append(vecs)
                 images += [{"path": shard.name, "key": s.key, "member": s.member, "row": s.row,
                             "captions": s.captions,
