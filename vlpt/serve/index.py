@@ -27,6 +27,7 @@ import contextlib
 import copy
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -303,66 +304,84 @@ class Embedder:
         kept = [(item, tensor) for item, tensor in decoded if tensor is not None]
         return [item for item, _ in kept], self.images([tensor for _, tensor in kept])
 
-    def batches(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[list]:
-        """(item, tensor) pairs, in runs of a model batch (accelerator) or ``CPU_RUN`` (CPU)."""
+    def _count(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(n)
+
+    def _embedded(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[list, np.ndarray]]:
+        """(items, vectors) per run of (item, tensor) pairs, in order; a model batch on an accelerator, ``CPU_RUN``
+        pairs embedded by the worker threads on a CPU. Every pair counts as done, decoded or not."""
         size = self.options.batch_size if self.decode_ahead else min(self.options.batch_size, CPU_RUN)
-        run = []
-        for pair in decoded:
-            run.append(pair)
-            if len(run) == size:
-                yield run
-                run = []
-        if run:
-            yield run
-
-    def embedded(self, runs: Iterable) -> Iterator[tuple[list, np.ndarray]]:
-        """(items, vectors) per run, in order: on a CPU the runs are embedded by the worker threads."""
-        done = (_ordered_map(self.pool, self.embed, runs, 2 * self.workers) if not self.decode_ahead
-                else map(self.embed, runs))
-        for items, vectors in done:
-            if self.progress is not None:
-                self.progress.update(len(items))
-            yield items, vectors
-
-    def _folder_runs(self, items: Sequence) -> Iterator[tuple[list, np.ndarray, list]]:
-        """(items, vectors, failures) per run of a folder's items, in file order."""
-        def decode(run):
-            return [(item, *_try_decode(decode_file, item.path, self.prep)) for item in run]
-
-        if not self.decode_ahead:  # a CPU: each worker decodes its run, then embeds it
-            def decode_and_embed(run):
-                triples = decode(run)
-                return (*self.embed([(item, tensor) for item, tensor, _ in triples]),
-                        [(item, problem) for item, _, problem in triples if problem])
-
-            runs = [items[s:s + CPU_RUN] for s in range(0, len(items), CPU_RUN)]
-            for found, vectors, failures in _ordered_map(self.pool, decode_and_embed, runs, 2 * self.workers):
-                if self.progress is not None:
-                    self.progress.update(len(found))
-                yield found, vectors, failures
+        runs = iter(lambda: list(itertools.islice(decoded, size)), [])
+        if self.decode_ahead:
+            for run in runs:
+                self._count(len(run))
+                yield self.embed(run)
             return
-        runs = [items[s:s + DECODE_RUN] for s in range(0, len(items), DECODE_RUN)]
+
+        def counted(run):
+            return len(run), self.embed(run)
+        for n, result in _ordered_map(self.pool, counted, runs, 2 * self.workers):
+            self._count(n)
+            yield result
+
+    def _decode_folder_run(self, run: Sequence) -> list[tuple[object, torch.Tensor | None, str | None]]:
+        return [(item, *_try_decode(decode_file, item.path, self.prep)) for item in run]
+
+    def _folder_results(self, items: Sequence) -> Iterator[tuple[list, np.ndarray, list]]:
+        """(items, vectors, [(item, problem)]) per run of a folder's items on an accelerator: threads decode the
+        next batches while it runs."""
         failures = []
+        runs = [items[s:s + DECODE_RUN] for s in range(0, len(items), DECODE_RUN)]
 
         def decoded():  # failures listed here, in file order (worker threads finish in any order)
-            for run in _ordered_map(self.pool, decode, runs, 2 * max(1, self.options.batch_size // DECODE_RUN)):
+            ahead = 2 * max(1, self.options.batch_size // DECODE_RUN)
+            for run in _ordered_map(self.pool, self._decode_folder_run, runs, ahead):
                 for item, tensor, problem in run:
                     if problem:
                         failures.append((item, problem))
                     yield item, tensor
-        for found, vectors in self.embedded(self.batches(decoded())):
+        for found, vectors in self._embedded(decoded()):
             yield found, vectors, failures[:]
             failures.clear()
 
+    def _decode_and_embed(self, run: Sequence) -> tuple[list, np.ndarray, list]:
+        """A CPU worker's task: (items, vectors, [(item, problem)]) of a run of a folder's items."""
+        triples = self._decode_folder_run(run)
+        return (*self.embed([(item, tensor) for item, tensor, _ in triples]),
+                [(item, problem) for item, _, problem in triples if problem])
+
+    def parts(self, source: Source, todo: Sequence[tuple[int, str]]) -> Iterator[Part]:
+        """The parts ``todo`` ((part index, fingerprint) pairs) of ``source``, embedded, in order. On a CPU the
+        runs of a folder's parts flow through the workers without a pause between parts (waiting for each part
+        to finish, be saved and the next be listed left the cores idle ~8% of the time)."""
+        if source.kind != "folder" or self.decode_ahead:
+            for i, fingerprint in todo:
+                yield self.part(source, i, fingerprint)
+            return
+        runs = [(n, source.parts[i][s:s + CPU_RUN]) for n, (i, _) in enumerate(todo)
+                for s in range(0, len(source.parts[i]), CPU_RUN)]
+        last_run = {n: r for r, (n, _) in enumerate(runs)}  # each part's last run
+
+        def task(numbered_run):
+            return self._decode_and_embed(numbered_run[1])
+        results = []
+        for r, result in enumerate(_ordered_map(self.pool, task, runs, 2 * self.workers)):
+            n, run = runs[r]
+            self._count(len(run))
+            results.append(result)
+            if last_run[n] == r:
+                yield self._folder_part(todo[n][1], results)
+                results = []
+
     def part(self, source: Source, i: int, fingerprint: str) -> Part:
-        images, vectors, failures, texts = [], [], [], []
+        """Part ``i`` of ``source``, embedded."""
         if source.kind == "folder":
-            for items, vecs, problems in self._folder_runs(source.parts[i]):
-                failures += [{"where": item.ref, "reason": problem} for item, problem in problems]
-                vectors.append(vecs)
-                images += [{"path": it.ref, "key": None, "member": None, "row": it.row, "captions": it.captions,
-                            "label": it.label} for it in items]
-        elif source.kind == "shards":
+            if not self.decode_ahead:
+                return next(self.parts(source, [(i, fingerprint)]))
+            return self._folder_part(fingerprint, self._folder_results(source.parts[i]))
+        images, vectors, failures, texts = [], [], [], []
+        if source.kind == "shards":
             shard = Path(source.parts[i])
             names = source.class_names
 
@@ -371,7 +390,7 @@ class Embedder:
                     if s.failure:
                         failures.append({"where": f"{shard.name}:{s.key}", "reason": s.failure})
                     yield s, s.image
-            for items, vecs in self.embedded(self.batches(decoded())):
+            for items, vecs in self._embedded(decoded()):
                 vectors.append(vecs)
                 images += [{"path": shard.name, "key": s.key, "member": s.member, "row": s.row,
                             "captions": s.captions,
@@ -379,6 +398,21 @@ class Embedder:
                                                                else str(s.label))} for s in items]
         else:
             texts = [{"caption": t, "image": -1, "row": line} for line, t in source.parts[i]]
+            self._count(len(texts))
+        return self._assemble(fingerprint, images, vectors, failures, texts)
+
+    def _folder_part(self, fingerprint: str, results: Iterable[tuple[list, np.ndarray, list]]) -> Part:
+        images, vectors, failures = [], [], []
+        for items, vecs, problems in results:
+            failures += [{"where": item.ref, "reason": problem} for item, problem in problems]
+            vectors.append(vecs)
+            images += [{"path": it.ref, "key": None, "member": None, "row": it.row, "captions": it.captions,
+                        "label": it.label} for it in items]
+        return self._assemble(fingerprint, images, vectors, failures, [])
+
+    def _assemble(self, fingerprint: str, images: list[dict], vectors: list[np.ndarray], failures: list[dict],
+                  texts: list[dict]) -> Part:
+        """The part, with its images' captions (and a text source's lines) embedded."""
         for index, row in enumerate(images):
             texts += [{"caption": c, "image": index, "row": row["row"]} for c in row["captions"]]
         image_vectors = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
@@ -649,33 +683,31 @@ def build_index(model_spec: str | Path, source_spec: str | Path, out: str | Path
     bar = tqdm(total=total, unit=unit, unit_scale=True, disable=not progress or not is_main(env),
                desc=f"embedding{f' (rank 0 of {env.world_size})' if env.world_size > 1 else ''}", dynamic_ncols=True)
     embedder = Embedder(model, options, bar)
-    computed = reused = 0
+    todo = []
     try:
         for i in mine:
-            path = part_path(out, source, i)
             fingerprint = hashlib.sha256(
                 f"{source.part_fingerprint(i)}:{identity['fingerprint']}:{embedder.precision}:{FORMAT_VERSION}"
                 .encode()).hexdigest()
+            path = part_path(out, source, i)
             if path.is_file() and Part.fingerprint_of(path) == fingerprint:
-                reused += 1
                 bar.update(source.sizes[i])
-                continue
-            before = bar.n
-            embedder.part(source, i, fingerprint).save(path)
-            bar.update(source.sizes[i] - (bar.n - before))  # unreadable items count as done
-            computed += 1
+            else:
+                todo.append((i, fingerprint))
+        for (i, _), part in zip(todo, embedder.parts(source, todo)):
+            part.save(part_path(out, source, i))
     finally:
         embedder.close()
         bar.close()
     barrier(env)
     if not is_main(env):
-        return IndexResult(out, None, computed, reused)
+        return IndexResult(out, None, len(todo), len(mine) - len(todo))
     manifest = _merge(out, source, identity, manifest, options, embedder.precision)
     if not options.keep_parts:
         shutil.rmtree(out / PARTS_DIR / source.key, ignore_errors=True)
         with contextlib.suppress(OSError):
             (out / PARTS_DIR).rmdir()  # only when empty
-    return IndexResult(out, manifest, computed, reused)
+    return IndexResult(out, manifest, len(todo), len(mine) - len(todo))
 
 
 def _source_fingerprint(source: Source) -> str:

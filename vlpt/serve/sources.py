@@ -300,17 +300,34 @@ def decode_bytes(data: bytes, prep: Preprocessing, limits: DecodeLimits = Decode
 READ_WHOLE_MAX = 64 * 2 ** 20  # files up to this size are read in one call and decoded from memory
 
 
+def _read_small_file(path: Path) -> bytes | None:
+    """The bytes of a file up to READ_WHOLE_MAX, None for a larger one. One open, fstat and read at the OS
+    level: pathlib's stat + read_bytes took twice as long, under Python's lock, in the decoding threads."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {path}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > READ_WHOLE_MAX:
+            return None
+        data = os.read(fd, size + 1)  # a regular file: all of it in one call
+        if len(data) != size:  # it changed since, or the read came short: read on to the end
+            data += b"".join(iter(lambda: os.read(fd, 2 ** 20), b""))
+        return data
+    except IsADirectoryError:
+        raise ImageLoadError(f"cannot read image {path}: it is a folder, not an image file") from None
+    finally:
+        os.close(fd)
+
+
 def decode_file(path: Path, prep: Preprocessing) -> torch.Tensor:
     """An image file -> a model-ready tensor, size-checked from its header before any pixel is decoded. The
     file is read once and decoded from memory (``decode_bytes``: a quarter faster than opening it twice);
     a very large file is opened in place. Raises ImageLoadError (or OSError) naming the problem."""
-    try:
-        if path.stat().st_size <= READ_WHOLE_MAX:
-            return decode_bytes(path.read_bytes(), prep)
-    except FileNotFoundError:
-        raise ImageLoadError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"cannot read image {path}: it is a folder, not an image file") from None
+    data = _read_small_file(path)
+    if data is not None:
+        return decode_bytes(data, prep)
     try:
         with Image.open(path) as header:
             problem = check_image_size(*header.size)
