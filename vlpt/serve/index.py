@@ -264,7 +264,7 @@ class Embedder:
     On a CPU, each of ``workers`` threads (default: torch's thread count) decodes a run of images and embeds it
     on one intra-op thread: the cores never wait for one another, where decoding a batch on threads and then
     embedding it on all cores left them idle while Python held its lock (decoding beside a multi-threaded
-    forward was slower still: its threads wait for a preempted peer). 1.2x the images per second on 2 cores.
+    forward was slower still: its threads wait for a preempted peer). About 1.2x the images per second on 2 cores (with Embedder.parts).
     With the model on an accelerator, threads decode the next batches while it runs."""
 
     def __init__(self, model, options: IndexOptions, progress=None):
