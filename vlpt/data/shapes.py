@@ -95,13 +95,16 @@ QUESTION_WORDING: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, .
     "count": (("how many shapes are there?", "how many objects are in the picture?", "count the shapes.",
                "give the number of shapes."),
               ("how many shapes does the picture hold?", "could you count all shapes here?",
-               "in total, how many shapes can be seen?"),
+               "in total, how many shapes can be seen?", "what is the count of objects in this scene?",
+               "tally the shapes for me.", "how many things can you spot?"),
               ("how many figures appear in total?", "what number of shapes is shown?",
                "count every shape you can see and give the total.", "how many items are drawn here?")),
     "count_color": (("how many {color} shapes are there?", "how many {color} objects are in the picture?",
                      "count the {color} shapes.", "give the number of {color} shapes."),
                     ("how many {color} shapes does the picture hold?", "could you count all {color} shapes here?",
-                     "in total, how many {color} shapes can be seen?"),
+                     "in total, how many {color} shapes can be seen?",
+                     "what is the count of {color} objects in this scene?", "tally the {color} shapes for me.",
+                     "how many {color} things can you spot?"),
                     ("how many {color} figures appear in total?", "what number of {color} shapes is shown?",
                      "count every {color} shape you can see and give the total.",
                      "how many {color} items are drawn here?")),
@@ -126,7 +129,8 @@ QUESTION_WORDING: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, .
     "where": (("where is the {object}?", "in which part of the picture is the {object}?",
                "which cell holds the {object}?", "where in the picture is the {object}?"),
               ("in what spot is the {object}?", "tell me where the {object} is.",
-               "in this image, where does the {object} stand?"),
+               "in this image, where does the {object} stand?", "what spot does the {object} occupy?",
+               "point out the position of the {object}.", "whereabouts is the {object}?"),
               ("in which area does the {object} appear?", "where has the {object} been drawn?",
                "which part of the image holds the {object}?", "what is the location of the {object}?")),
     "at": (("is the {object} {place}?", "is the {object} located {place}?", "is the {object} placed {place}?"),
@@ -137,7 +141,7 @@ QUESTION_WORDING: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, .
 }
 HELDOUT_WORDINGS = ("val", "test")  # which held-out template set (QUESTION_WORDING[kind][1 or 2]) a split uses
 
-CACHE_VERSION = 8
+CACHE_VERSION = 9
 
 
 def class_index(color: str, shape: str) -> int:
