@@ -212,7 +212,7 @@ def test_noisy_twins_open_with_lead_ins_that_no_held_out_wording_uses():
         return float(np.mean([any(text.startswith(lead + " ") for lead in LEAD_INS) for text in texts]))
     rng = np.random.default_rng(1)
     assert 0.45 < opened([with_lead_in(q, rng) for q in questions]) < 0.55  # half
-    assert 0.1 < opened(noisy) < 0.4, opened(noisy)  # less the twins whose opening a nonsense word or swap broke
+    assert 0.25 < opened(noisy) < 0.5, opened(noisy)  # less the twins whose opening a nonsense word or swap broke
     assert not [q for q in questions if any(q.startswith(lead) for lead in LEAD_INS)]  # clean questions keep none
     def opening(text: str) -> list[str]:
         return [w.strip(",:") for w in text.split()]

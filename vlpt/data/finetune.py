@@ -62,14 +62,11 @@ def flatten_questions(scenes: Sequence[shapes.Scene], wording: str = "train"
     return questions, np.array(owner, np.int64), np.array(answers, np.int64), np.array(types, np.int64)
 
 
-# Words that carry a question's content (what it asks about, and the training wordings' words that say which
-# kind of question it is: "many", "count", "number", "cell", ...); the rest is its frame ("what", "is", "the",
-# the nouns "shapes", "objects", "picture", ...), which noisy twins replace so no kind is read from it.
+# Words that carry a question's content (what it asks about); the rest is its frame ("what", "is", "the", ...).
 CONTENT_WORDS = frozenset(
     [*shapes.COLOR_NAMES, *shapes.SHAPES, *shapes.SIZES, *shapes.ANSWERS]
     + [w for phrase in (*shapes.RELATIONS, *shapes.POSITION_PHRASES) for w in phrase.split()]
-    + ["color", "shape", "size", "many", "count", "number", "where", "cell", "part", "there"])
-FRAME_WORD_ODDS = 0.3  # odds that a noisy twin has each frame word replaced
+    + ["color", "shape", "shapes", "size", "many", "where", "there"])
 
 # The relation words ("above", "below", "left", "right") get trainable codes in the cross fusion
 # (TaskModelConfig.word_codes): a contrastively trained text tower blurs "above" and "below" ("A above B" and
@@ -78,15 +75,14 @@ FRAME_WORD_ODDS = 0.3  # odds that a noisy twin has each frame word replaced
 CODED_WORDS = frozenset(w for phrase in shapes.RELATIONS for w in phrase.split() if w not in ("to", "the", "of"))
 
 
-def other_frame_words(question: str, rng: np.random.Generator) -> str:
-    """``question`` with each frame word (not in CONTENT_WORDS) replaced by a random letter string with odds
-    FRAME_WORD_ODDS: trained on such questions, a model reads a question by its content, whatever the wording
-    around it. (One frame word half the time was too little: "how many red things can you spot?" was answered
-    with a shape, "point out the position of the X." with a size; docs/results.md, VQA.)"""
+def other_frame_word(question: str, rng: np.random.Generator) -> str:
+    """``question`` with one frame word (not in CONTENT_WORDS) replaced by a random letter string, half the
+    time: trained on such questions, a model reads a question by its content, whatever the wording around it."""
     words = question.split()
-    for i, word in enumerate(words):
-        if word.strip("?.,:") not in CONTENT_WORDS and rng.random() < FRAME_WORD_ODDS:
-            words[i] = random_word(rng)
+    frame = [i for i, w in enumerate(words) if w.strip("?.") not in CONTENT_WORDS]
+    if frame and rng.random() < 0.5:
+        i = frame[int(rng.integers(len(frame)))]
+        words[i] = random_word(rng)
     return " ".join(words)
 
 
@@ -115,12 +111,12 @@ def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
 
 
 def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.random.Generator) -> list[str]:
-    """Each question's noisy twin: an opening half the time (``with_lead_in``), each frame word replaced with
-    odds FRAME_WORD_ODDS (``other_frame_words``) and 1-3 nonsense words inserted (``nonsense_words``), with fewer
-    nonsense words where the twin would not fit the tokenizer's context (a nonsense word is spelled out in up to 8
-    character pieces; cut short, "is the red circle above the blue square?" loses the square and its answer
-    becomes a guess). Falls back to the clean question."""
-    framed = [other_frame_words(with_lead_in(q, rng), rng) for q in questions]
+    """Each question's noisy twin: an opening half the time (``with_lead_in``), one frame word replaced half the
+    time (``other_frame_word``) and 1-3 nonsense words inserted (``nonsense_words``), with fewer nonsense words
+    where the twin would not fit the tokenizer's context (a nonsense word is spelled out in up to 8 character
+    pieces; cut short, "is the red circle above the blue square?" loses the square and its answer becomes a
+    guess). Falls back to the clean question."""
+    framed = [other_frame_word(with_lead_in(q, rng), rng) for q in questions]
     fallbacks = (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i])
     return fit_to_context([nonsense_words(q, rng) for q in framed], tokenizer, fallbacks)
 
@@ -129,7 +125,7 @@ class QuestionBatches:
     """(image, question) pairs with the answer's index in ``shapes.ANSWERS``; question types are balanced
     (rarer types repeated; ``type_repeats`` {type: k} gives a type k times its share) and an epoch visits every
     balanced row once. With ``noise`` > 0 that fraction of the questions come as their noisy twins
-    (``noisy_questions``: an opening, nonsense words inserted, frame words replaced), so the model learns to
+    (``noisy_questions``: an opening, nonsense words inserted, a frame word replaced), so the model learns to
     answer from the words that matter and wording it has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
