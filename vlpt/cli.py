@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept before is >= SIM, e.g. 0.98 (listed in the manifest)")
     p.add_argument("--part-size", type=int, default=1024, help="images (or lines) per part of work (resumable unit)")
     p.add_argument("--batch-size", type=int, default=256, help="images per model forward")
-    p.add_argument("--workers", type=int, default=0, help="image-decoding threads (0: as many as torch's threads)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="threads that decode (and on a CPU embed) images (0: as many as torch's threads)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="HNSW / IVF-PQ: search settings are tuned to reach this recall@10 against exact search")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after merging")

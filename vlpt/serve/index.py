@@ -71,8 +71,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class IndexOptions:
     index_type: str = "auto"  # auto | flat | hnsw | ivfpq
     part_size: int = 1024  # images (or text lines) per part of work; a shard is one part
-    batch_size: int = 256  # images per model forward
-    workers: int = 0  # image-decoding threads (0: as many as torch's CPU threads, which wait while they decode)
+    batch_size: int = 256  # images per model forward (on a CPU at most CPU_RUN, one worker's run)
+    workers: int = 0  # threads that decode (and on a CPU embed) images; 0: as many as torch's threads
     dedup: float | None = None  # drop images (texts, for a text source) this similar to one kept before
     target_recall: float = 0.95  # hnsw / ivfpq: search settings tuned to reach this recall@10 vs exact
     nlist: int | None = None  # ivfpq: inverted lists (default ~2 sqrt(N))
@@ -264,8 +264,8 @@ class Embedder:
     On a CPU, each of ``workers`` threads (default: torch's thread count) decodes a run of images and embeds it
     on one intra-op thread: the cores never wait for one another, where decoding a batch on threads and then
     embedding it on all cores left them idle while Python held its lock (decoding beside a multi-threaded
-    forward was slower still: its threads wait for a preempted peer). About 1.2x the images per second on 2 cores (with Embedder.parts).
-    With the model on an accelerator, threads decode the next batches while it runs."""
+    forward was slower still: its threads wait for a preempted peer); with ``parts`` about 1.2x the images per
+    second on 2 cores. With the model on an accelerator, threads decode the next batches while it runs."""
 
     def __init__(self, model, options: IndexOptions, progress=None):
         self.model, self.options, self.progress = inference_ready(model), options, progress
