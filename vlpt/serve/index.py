@@ -277,6 +277,7 @@ class Embedder:
         self.pool = (futures.ThreadPoolExecutor(self.workers, thread_name_prefix="vlpt-decode") if self.decode_ahead
                      else single_threaded_pool(self.workers, "vlpt-embed"))
         self.dim = int(model.config.embed_dim)
+        self.cpu_run = min(options.batch_size, CPU_RUN)  # images a CPU worker decodes and embeds per task
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -311,7 +312,7 @@ class Embedder:
     def _embedded(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[list, np.ndarray]]:
         """(items, vectors) per run of (item, tensor) pairs, in order; a model batch on an accelerator, ``CPU_RUN``
         pairs embedded by the worker threads on a CPU. Every pair counts as done, decoded or not."""
-        size = self.options.batch_size if self.decode_ahead else min(self.options.batch_size, CPU_RUN)
+        size = self.options.batch_size if self.decode_ahead else self.cpu_run
         runs = iter(lambda: list(itertools.islice(decoded, size)), [])
         if self.decode_ahead:
             for run in runs:
@@ -359,8 +360,9 @@ class Embedder:
             for i, fingerprint in todo:
                 yield self.part(source, i, fingerprint)
             return
-        runs = [(n, source.parts[i][s:s + CPU_RUN]) for n, (i, _) in enumerate(todo)
-                for s in range(0, len(source.parts[i]), CPU_RUN)]
+        size = self.cpu_run
+        runs = [(n, source.parts[i][s:s + size]) for n, (i, _) in enumerate(todo)
+                for s in range(0, len(source.parts[i]), size)]
         last_run = {n: r for r, (n, _) in enumerate(runs)}  # each part's last run
 
         def task(numbered_run):
