@@ -27,6 +27,7 @@ from vlpt.serve.index import (
     near_duplicates,
     read_manifest,
     recall_at,
+    single_threaded_pool,
     tune_search,
 )
 from vlpt.serve.sources import open_source
@@ -117,6 +118,28 @@ def test_decoding_ahead_of_the_model_gives_the_same_index(model_dir, folder, tmp
     assert np.array_equal(a.vectors("image")[1], b.vectors("image")[1])
     assert a.collections["image"].rows(range(40)) == b.collections["image"].rows(range(40))
     assert read_manifest(tmp_path / "cpu")["failures"] == read_manifest(tmp_path / "ahead")["failures"]
+
+
+def test_index_workers_run_on_one_thread_each_and_leave_the_process_setting_alone():
+    """On a CPU each index worker embeds on one intra-op thread; the process (and threads started after the
+    pool) keep their own setting, so indexing inside a larger program does not slow its other torch work."""
+    import concurrent.futures as futures
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = single_threaded_pool(2, "test-embed")
+        try:
+            assert list(pool.map(lambda _: torch.get_num_threads(), range(8))) == [1] * 8
+        finally:
+            pool.shutdown()
+        assert torch.get_num_threads() == 2
+        with futures.ThreadPoolExecutor(1) as later:
+            assert later.submit(torch.get_num_threads).result() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_folder_listing_order_and_what_it_skips(tmp_path):

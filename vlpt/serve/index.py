@@ -247,6 +247,9 @@ def single_threaded_pool(workers: int, name: str) -> futures.ThreadPoolExecutor:
     started = threading.Barrier(workers + 1)
 
     def one_thread():
+        # torch sets a thread's intra-op threads from the process default on the thread's first use; used here
+        # first, so that the setting below is not replaced by the default put back after the barrier
+        torch.get_num_threads()
         torch.set_num_threads(1)
         started.wait()
 
