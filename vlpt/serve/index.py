@@ -42,7 +42,7 @@ import torch
 
 from vlpt.io import ImageLoadError, atomic_write, atomic_write_text
 from vlpt.models.image_towers import fold_batch_norms
-from vlpt.serve.sources import Preprocessing, Source, decode_file, open_source, shard_items
+from vlpt.serve.sources import Preprocessing, Source, chunks, decode_file, open_source, shard_items
 from vlpt.train.distributed import DistributedEnv, barrier, is_main
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,12 @@ def _ordered_map(pool: futures.Executor, fn: Callable, items: Sequence, ahead: i
         yield pending.popleft().result()
 
 
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    items = iter(items)
+    return iter(lambda: list(itertools.islice(items, size)), [])
+
+
 def _try_decode(decode: Callable, *args):
     try:
         return decode(*args), None
@@ -313,78 +319,57 @@ class Embedder:
             self.progress.update(n)
 
     def _embedded(self, decoded: Iterable[tuple[object, torch.Tensor | None]]) -> Iterator[tuple[list, np.ndarray]]:
-        """(items, vectors) per run of (item, tensor) pairs, in order; a model batch on an accelerator, ``CPU_RUN``
-        pairs embedded by the worker threads on a CPU. Every pair counts as done, decoded or not."""
-        size = self.options.batch_size if self.decode_ahead else self.cpu_run
-        runs = iter(lambda: list(itertools.islice(decoded, size)), [])
+        """(items, vectors) per run of (item, tensor) pairs, in order; a model batch on an accelerator, a CPU run
+        embedded by the worker threads on a CPU. Every pair counts as done, decoded or not."""
+        runs = _batched(decoded, self.options.batch_size if self.decode_ahead else self.cpu_run)
         if self.decode_ahead:
-            for run in runs:
-                self._count(len(run))
-                yield self.embed(run)
-            return
-
-        def counted(run):
-            return len(run), self.embed(run)
-        for n, result in _ordered_map(self.pool, counted, runs, 2 * self.workers):
+            done = ((len(run), self.embed(run)) for run in runs)
+        else:
+            done = _ordered_map(self.pool, lambda run: (len(run), self.embed(run)), runs, 2 * self.workers)
+        for n, result in done:
             self._count(n)
             yield result
 
     def _decode_folder_run(self, run: Sequence) -> list[tuple[object, torch.Tensor | None, str | None]]:
         return [(item, *_try_decode(decode_file, item.path, self.prep)) for item in run]
 
-    def _folder_results(self, items: Sequence) -> Iterator[tuple[list, np.ndarray, list]]:
-        """(items, vectors, [(item, problem)]) per run of a folder's items on an accelerator: threads decode the
-        next batches while it runs."""
-        failures = []
-        runs = [items[s:s + DECODE_RUN] for s in range(0, len(items), DECODE_RUN)]
-
-        def decoded():  # failures listed here, in file order (worker threads finish in any order)
-            ahead = 2 * max(1, self.options.batch_size // DECODE_RUN)
-            for run in _ordered_map(self.pool, self._decode_folder_run, runs, ahead):
-                for item, tensor, problem in run:
-                    if problem:
-                        failures.append((item, problem))
-                    yield item, tensor
-        for found, vectors in self._embedded(decoded()):
-            yield found, vectors, failures[:]
-            failures.clear()
-
-    def _decode_and_embed(self, run: Sequence) -> tuple[list, np.ndarray, list]:
-        """A CPU worker's task: (items, vectors, [(item, problem)]) of a run of a folder's items."""
-        triples = self._decode_folder_run(run)
+    def _embed_decoded(self, triples: list[tuple[object, torch.Tensor | None, str | None]]
+                       ) -> tuple[list, np.ndarray, list]:
+        """(items, vectors, [(item, problem)]) of decoded (item, tensor, problem) triples."""
         return (*self.embed([(item, tensor) for item, tensor, _ in triples]),
                 [(item, problem) for item, _, problem in triples if problem])
+
+    def _decode_and_embed(self, run: Sequence) -> tuple[list, np.ndarray, list]:
+        """A CPU worker's task: ``_embed_decoded`` of a run of a folder's items."""
+        return self._embed_decoded(self._decode_folder_run(run))
+
+    def _decoded_ahead(self, items: Sequence) -> Iterator[tuple[list, np.ndarray, list]]:
+        """``_embed_decoded`` per model batch of a folder's items on an accelerator: threads decode the next
+        batches while it runs."""
+        ahead = 2 * max(1, self.options.batch_size // DECODE_RUN)
+        decoded = (triple for run in _ordered_map(self.pool, self._decode_folder_run, chunks(items, DECODE_RUN), ahead)
+                   for triple in run)
+        return map(self._embed_decoded, _batched(decoded, self.options.batch_size))
 
     def parts(self, source: Source, todo: Sequence[tuple[int, str]]) -> Iterator[Part]:
         """The parts ``todo`` ((part index, fingerprint) pairs) of ``source``, embedded, in order. On a CPU the
         runs of a folder's parts flow through the workers without a pause between parts (waiting for each part
         to finish, be saved and the next be listed left the cores idle ~8% of the time)."""
-        if source.kind != "folder" or self.decode_ahead:
+        if source.kind != "folder":
             for i, fingerprint in todo:
-                yield self.part(source, i, fingerprint)
-            return
-        size = self.cpu_run
-        runs = [(n, source.parts[i][s:s + size]) for n, (i, _) in enumerate(todo)
-                for s in range(0, len(source.parts[i]), size)]
-        last_run = {n: r for r, (n, _) in enumerate(runs)}  # each part's last run
+                yield self._part(source, i, fingerprint)
+        elif self.decode_ahead:
+            for i, fingerprint in todo:
+                yield self._folder_part(fingerprint, self._decoded_ahead(source.parts[i]))
+        else:
+            runs = [chunks(source.parts[i], self.cpu_run) for i, _ in todo]
+            results = _ordered_map(self.pool, self._decode_and_embed, [r for part in runs for r in part],
+                                   2 * self.workers)
+            for (_, fingerprint), part_runs in zip(todo, runs):
+                yield self._folder_part(fingerprint, itertools.islice(results, len(part_runs)))
 
-        def task(numbered_run):
-            return self._decode_and_embed(numbered_run[1])
-        results = []
-        for r, result in enumerate(_ordered_map(self.pool, task, runs, 2 * self.workers)):
-            n, run = runs[r]
-            self._count(len(run))
-            results.append(result)
-            if last_run[n] == r:
-                yield self._folder_part(todo[n][1], results)
-                results = []
-
-    def part(self, source: Source, i: int, fingerprint: str) -> Part:
-        """Part ``i`` of ``source``, embedded."""
-        if source.kind == "folder":
-            if not self.decode_ahead:
-                return next(self.parts(source, [(i, fingerprint)]))
-            return self._folder_part(fingerprint, self._folder_results(source.parts[i]))
+    def _part(self, source: Source, i: int, fingerprint: str) -> Part:
+        """Part ``i`` of a shards or text source, embedded."""
         images, vectors, failures, texts = [], [], [], []
         if source.kind == "shards":
             shard = Path(source.parts[i])
@@ -407,8 +392,10 @@ class Embedder:
         return self._assemble(fingerprint, images, vectors, failures, texts)
 
     def _folder_part(self, fingerprint: str, results: Iterable[tuple[list, np.ndarray, list]]) -> Part:
+        """A folder part from its runs' (items, vectors, [(item, problem)]); every item counts as done."""
         images, vectors, failures = [], [], []
         for items, vecs, problems in results:
+            self._count(len(items) + len(problems))
             failures += [{"where": item.ref, "reason": problem} for item, problem in problems]
             vectors.append(vecs)
             images += [{"path": it.ref, "key": None, "member": None, "row": it.row, "captions": it.captions,

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +146,8 @@ def open_source(location: str | Path, part_size: int = 1024) -> Source:
     raise FileNotFoundError(f"source not found: {location}")
 
 
-def _chunks(items: list, size: int) -> list[list]:
+def chunks(items: Sequence, size: int) -> list:
+    """``items`` in slices of ``size`` (the last may be shorter)."""
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -155,7 +156,7 @@ def _text_source(location: str, path: Path, part_size: int) -> Source:
     lines = [(n, " ".join(t.split())) for n, t in enumerate(content.splitlines(), start=1) if t.strip()]
     if not lines:
         raise CaptionsFileError(f"{path}: no captions (expected one caption per line)")
-    parts = _chunks(lines, part_size)
+    parts = chunks(lines, part_size)
     return Source("text", location, path.resolve().parent, parts, part_size, sizes=[len(p) for p in parts])
 
 
@@ -182,7 +183,7 @@ def _folder_source(location: str, root: Path, part_size: int) -> Source:
         captions_file = None
     if not items and not failures:
         raise ValueError(f"{root}: no images (files ending {', '.join(_IMAGE_SUFFIXES)}) and no captions file")
-    parts = _chunks(items, part_size)
+    parts = chunks(items, part_size)
     return Source("folder", location, resolved_root, parts, part_size, failures, captions_file,
                   sizes=[len(p) for p in parts])
 
