@@ -292,6 +292,32 @@ def test_frozen_towers_image_cache_gives_the_same_features():
         _vqa_model("both").enable_image_cache()
 
 
+def test_frozen_towers_text_cache_gives_the_same_answers_whatever_the_padding():
+    """The question cache keeps each question's unpadded tokens: a question asked again in a batch padded to
+    another length, with word codes and order around them, gets the same logits as through the towers."""
+    torch.manual_seed(0)
+    questions = ["is the red circle above the blue square?", "where is the star?", "how many shapes are there?"]
+    encoder = create_model(tiny_model_config(), corpus=questions)
+    model = TaskModel(TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross"), outputs=list(shapes.ANSWERS),
+                                      freeze_towers=True, word_codes=["above", "where"], order_around_codes=True),
+                      encoder).eval()
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def logits(rows: list[int]) -> torch.Tensor:
+        tokens = model.tokenizer([questions[i] for i in rows])
+        with torch.no_grad():
+            return model(images[rows], tokens["input_ids"], tokens["attention_mask"])
+
+    plain = logits([0, 1, 2])
+    model.enable_text_cache()
+    first, short = logits([0, 1, 2]), logits([2, 1])  # the second batch is padded to a shorter length
+    assert len(model.text_cache) == 3  # each question through the tower once
+    assert_close_to_scale(first, plain)
+    assert_close_to_scale(short, first[[2, 1]])  # the fusion itself runs on another batch shape
+    with pytest.raises(ValueError, match="frozen towers"):
+        _vqa_model("both").enable_text_cache()
+
+
 def test_word_codes_go_to_the_named_whole_words_only_train_and_survive_saving(tmp_path):
     """The cross fusion's own embeddings for the words an answer turns on: only those words' tokens get one
     (frame words keep the tower's features alone), they train with frozen towers, and save -> load keeps them."""

@@ -76,16 +76,29 @@ class PooledCache:
     def pooled(self, keys: list[bytes], compute: Callable[[torch.Tensor], torch.Tensor], device: torch.device
                ) -> torch.Tensor:
         """(B, C) for the B keys; ``compute(rows)`` gives the pooled outputs of the inputs at ``rows`` (U, C)."""
+        return torch.stack(self.rows(keys, compute, device))
+
+    @torch.no_grad()
+    def rows(self, keys: list[bytes], compute: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+             device: torch.device) -> list[torch.Tensor]:
+        """The B keys' entries; ``compute(rows)`` gives one entry per input at ``rows`` (U of them; entries may
+        differ in shape, e.g. a question's tokens)."""
         new = [k for k in dict.fromkeys(keys) if k not in self.entries]
         if new:
             first: dict[bytes, int] = {}
             for i, k in enumerate(keys):
                 first.setdefault(k, i)
-            pooled = compute(torch.tensor([first[k] for k in new], device=device))  # (U, C)
+            entries = compute(torch.tensor([first[k] for k in new], device=device))  # U entries
             if len(self.entries) + len(new) > self.limit:
                 self.entries.clear()
-            self.entries.update(zip(new, pooled))
-        return torch.stack([self.entries[k] for k in keys])
+            self.entries.update(zip(new, entries))
+        return [self.entries[k] for k in keys]
+
+
+def token_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:
+    """A cache key per text: its token ids without the padding."""
+    lengths = attention_mask.sum(1).tolist()
+    return [row[:n].cpu().numpy().tobytes() for row, n in zip(input_ids, lengths)]
 
 
 def place_anchors(pooled: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -193,9 +206,7 @@ class DualEncoder(SavesPretrained, nn.Module):
         if self.text_cache is None:
             pooled = self.text_tower.forward_pooled(input_ids, attention_mask, chunk)  # (B, C)
         else:
-            lengths = attention_mask.sum(1).tolist()
-            keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(input_ids, lengths)]
-            pooled = self.text_cache.pooled(keys, lambda rows: self.text_tower.forward_pooled(
+            pooled = self.text_cache.pooled(token_keys(input_ids, attention_mask), lambda rows: self.text_tower.forward_pooled(
                 input_ids[rows], attention_mask[rows], chunk), device)  # (B, C)
         features = self.text_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features

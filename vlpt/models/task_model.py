@@ -33,6 +33,7 @@ from vlpt.models.dual_encoder import (
     pixel_digests,
     read_model_config,
     read_tokenizer,
+    token_keys,
     write_model_files,
 )
 from vlpt.models.fusion import FUSION_METHODS, FusionConfig, create_fusion
@@ -111,6 +112,7 @@ class TaskModel(SavesPretrained, nn.Module):
         if config.freeze_towers:
             self.encoder.requires_grad_(False)
         self.image_cache: PooledCache | None = None  # see enable_image_cache
+        self.text_cache: PooledCache | None = None  # see enable_text_cache
         self.train(self.training)
 
     def enable_image_cache(self, max_entries: int = 100_000) -> None:
@@ -119,6 +121,13 @@ class TaskModel(SavesPretrained, nn.Module):
         if not self.config.freeze_towers:
             raise ValueError("the image cache is only valid with frozen towers (freeze_towers)")
         self.image_cache = PooledCache(max_entries)
+
+    def enable_text_cache(self, max_entries: int = 200_000) -> None:
+        """Memoise frozen towers' text features (tokens and embedding) per text, by its token ids: VQA questions
+        repeat across epochs, and a frozen (e.g. pretrained MiniLM) text tower costs most of a step otherwise."""
+        if not self.config.freeze_towers:
+            raise ValueError("the text cache is only valid with frozen towers (freeze_towers)")
+        self.text_cache = PooledCache(max_entries)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -161,12 +170,12 @@ class TaskModel(SavesPretrained, nn.Module):
         return {"image_tokens": tokens, "image_embed": embed}
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        enc = self.encoder
         if self.config.inputs == "image_only":  # blind baseline: every text is its first token alone ([CLS])
             input_ids, attention_mask = input_ids[:, :1], attention_mask[:, :1]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
-            tokens, pooled = enc.text_tower.forward_features(input_ids, attention_mask)  # (B, L, Ct), (B, C)
-            embed = F.normalize(enc.text_proj(pooled), dim=-1)
+        if self.text_cache is None:
+            tokens, embed = self._text_features(input_ids, attention_mask)
+        else:
+            tokens, embed = self._cached_text_features(input_ids, attention_mask)
         out = {"text_mask": attention_mask.bool(), "text_embed": embed}
         if self.code_index is not None:
             coded = self.code_index[input_ids]  # (B, L): row of word_code, 0 for uncoded tokens
@@ -176,6 +185,31 @@ class TaskModel(SavesPretrained, nn.Module):
                 first = is_coded.int().argmax(1)  # argmax gives the first of equal maxima
                 out["text_pivot"] = torch.where(is_coded.any(1), first, -1)  # (B,)
         return {"text_tokens": tokens, **out}
+
+    def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's tokens (B, L, Ct) and the projected, normalised embedding (B, D)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_towers):
+            tokens, pooled = self.encoder.text_tower.forward_features(input_ids, attention_mask)  # (B, L, Ct), (B, C)
+            return tokens, F.normalize(self.encoder.text_proj(pooled), dim=-1)
+
+    def _cached_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_text_features`` through the cache: each text's entry is its unpadded tokens and its embedding in one
+        flat row; padding positions come back as zeros (the fusion masks them)."""
+        dim, width = self.encoder.config.embed_dim, self.encoder.text_tower.output_dim
+
+        def compute(rows: torch.Tensor) -> list[torch.Tensor]:
+            tokens, embed = self._text_features(input_ids[rows], attention_mask[rows])
+            lengths = attention_mask[rows].sum(1).tolist()
+            return [torch.cat([t[:n].flatten(), e]) for t, e, n in zip(tokens, embed, lengths)]
+
+        entries = self.text_cache.rows(token_keys(input_ids, attention_mask), compute, input_ids.device)
+        tokens = entries[0].new_zeros(*input_ids.shape, width)  # (B, L, Ct)
+        for row, entry in zip(tokens, entries):
+            n = (len(entry) - dim) // width
+            row[:n] = entry[:-dim].view(n, width)
+        return tokens, torch.stack([entry[-dim:] for entry in entries])
 
     def fuse(self, features: dict[str, torch.Tensor], image_index: torch.Tensor | None = None,
              text_index: torch.Tensor | None = None) -> torch.Tensor:

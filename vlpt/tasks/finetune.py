@@ -292,6 +292,7 @@ class VQA(FineTune):
     def objective(self, config: RunConfig, model: TaskModel, env: DistributedEnv, device: torch.device):
         if model.config.freeze_towers:
             model.enable_image_cache()  # every epoch shows the frozen towers the same images
+            model.enable_text_cache()  # ... and asks many of the same questions
         return data_parallel(VQATask(model), env, device)
 
     def evaluate(self, model: TaskModel, config: RunConfig, run_dir: Path, cache_dir: Path | None) -> EvalResult:
