@@ -318,6 +318,35 @@ def test_frozen_towers_text_cache_gives_the_same_answers_whatever_the_padding():
         _vqa_model("both").enable_text_cache()
 
 
+def test_prefilled_question_cache_holds_every_question_the_training_steps_ask():
+    """``QuestionBatches.texts`` lists exactly the texts (clean and noisy twins) the steps ask; prefilled with
+    them, the frozen question tower is not run again during those steps."""
+    data = shapes.ShapesDataset(shapes.ShapesConfig(split="train", size=40, image_size=32))
+    questions = flatten_questions(data.scenes)[0]
+    torch.manual_seed(0)
+    encoder = create_model(tiny_model_config(), corpus=questions + list(LEAD_INS))
+    model = TaskModel(TaskModelConfig(task="vqa", fusion=FusionConfig(method="cross"), outputs=list(shapes.ANSWERS),
+                                      freeze_towers=True), encoder).eval()
+    batches = QuestionBatches(data.images, data.scenes, model.tokenizer, 16, seed=0, noise=0.5)
+    input_ids, lengths = batches.texts(6)
+    listed = {row[:n].numpy().tobytes() for row, n in zip(input_ids, lengths.tolist())}
+    asked = set()
+    for step in range(6):
+        batch = batches.batch(step)
+        asked |= {row[:n].numpy().tobytes() for row, n in zip(batch["input_ids"], batch["attention_mask"].sum(1))}
+    assert listed == asked and len(listed) > 16
+    model.enable_text_cache()
+    model.prefill_text_cache(input_ids, lengths, rows_per_forward=7)
+    assert len(model.text_cache) == len(listed)
+    batch = batches.batch(3)
+    with torch.no_grad():
+        cached = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        assert len(model.text_cache) == len(listed)  # nothing new went through the tower
+        model.text_cache = None
+        plain = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    assert_close_to_scale(cached, plain)
+
+
 def test_word_codes_go_to_the_named_whole_words_only_train_and_survive_saving(tmp_path):
     """The cross fusion's own embeddings for the words an answer turns on: only those words' tokens get one
     (frame words keep the tower's features alone), they train with frozen towers, and save -> load keeps them."""

@@ -147,14 +147,25 @@ class QuestionBatches:
         self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
         self.batch_size, self.seed = batch_size, seed
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
+    def _rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step``'s question rows and the rows of the texts asked (a noisy twin's: after the clean ones)."""
         rows = self.rows[epoch_batch(len(self.rows), self.batch_size, self.seed, step)]
         text_rows = rows
         if self.noise > 0:
             noisy = torch.rand(len(rows), generator=step_generator(self.seed, step)) < self.noise
             text_rows = torch.where(noisy, rows + self.count, rows)
+        return rows, text_rows
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rows, text_rows = self._rows(step)
         return {"images": self.images[self.owner[rows]], **token_rows(self.input_ids, self.lengths, text_rows),
                 "labels": self.answers[rows], "types": self.types[rows]}
+
+    def texts(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct texts batches 0 .. ``steps`` - 1 ask, as (input_ids (U, L), lengths (U,)): what a
+        frozen question tower's cache can compute ahead (``TaskModel.prefill_text_cache``)."""
+        used = torch.unique(torch.cat([self._rows(step)[1] for step in range(steps)]))
+        return self.input_ids[used], self.lengths[used]
 
 
 def swapped_captions(scenes: Sequence[shapes.Scene], seed: int, per_scene: int = 4) -> list[list[str]]:

@@ -285,14 +285,16 @@ class VQA(FineTune):
 
     def batches(self, config: RunConfig, data: TaskData, model: TaskModel, env: DistributedEnv):
         t = config.train
-        return rank_slice(QuestionBatches(data.train_images, data.train_scenes, model.tokenizer, t.batch_size,
-                                          t.seed, config.finetune.question_noise,
-                                          {"relation": config.finetune.relation_repeats}), env)
+        batches = QuestionBatches(data.train_images, data.train_scenes, model.tokenizer, t.batch_size, t.seed,
+                                  config.finetune.question_noise, {"relation": config.finetune.relation_repeats})
+        if model.config.freeze_towers:  # the frozen question tower's features of every question asked, ahead
+            model.enable_text_cache()
+            model.prefill_text_cache(*batches.texts(t.steps))  # (under torchrun each rank: the global batch's)
+        return rank_slice(batches, env)
 
     def objective(self, config: RunConfig, model: TaskModel, env: DistributedEnv, device: torch.device):
         if model.config.freeze_towers:
             model.enable_image_cache()  # every epoch shows the frozen towers the same images
-            model.enable_text_cache()  # ... and asks many of the same questions
         return data_parallel(VQATask(model), env, device)
 
     def evaluate(self, model: TaskModel, config: RunConfig, run_dir: Path, cache_dir: Path | None) -> EvalResult:
