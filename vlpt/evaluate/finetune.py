@@ -27,11 +27,29 @@ def _chunks(n: int, size: int):
 
 @torch.inference_mode()
 def _encode_texts(model: TaskModel, texts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
-    """Text tokens (padded to one length), mask and embeddings of many texts, in batches."""
-    tokens = model.encoder.tokenize(texts)
-    parts = [model.encode_texts(tokens["input_ids"][s], tokens["attention_mask"][s])
-             for s in _chunks(len(texts), batch_size)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    """Text tokens (padded to one length), mask and embeddings of many texts: each distinct text once (test
+    questions repeat across scenes), in batches of similar length, each trimmed to its longest text where the
+    tower's output allows it (``TextTower.trims_padding``)."""
+    distinct = list(dict.fromkeys(texts))
+    tokens = model.encoder.tokenize(distinct)
+    lengths = tokens["attention_mask"].sum(1)
+    order = torch.argsort(lengths, stable=True)
+    full = tokens["input_ids"].shape[1]
+    trims = model.encoder.text_tower.trims_padding()
+    parts = []
+    for s in _chunks(len(distinct), batch_size):
+        rows = order[s]
+        length = int(lengths[rows].max()) if trims else full
+        part = model.encode_texts(tokens["input_ids"][rows, :length], tokens["attention_mask"][rows, :length])
+        for key in ("text_tokens", "text_mask"):  # back to the full padded length: zeros, masked out
+            pad = [0, 0] * (part[key].dim() - 2) + [0, full - length]
+            part[key] = torch.nn.functional.pad(part[key], pad)
+        parts.append(part)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(len(order))  # distinct text i sits at row where[i] of the sorted parts
+    position = {text: i for i, text in enumerate(distinct)}
+    pick = where[torch.tensor([position[t] for t in texts], dtype=torch.long)]
+    return {k: torch.cat([p[k] for p in parts])[pick] for k in parts[0]}
 
 
 @torch.inference_mode()
