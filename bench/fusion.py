@@ -6,9 +6,11 @@ pre-trained run. VQA rows are reported per question type, in training and held-o
 (`vqa_<method>_<type>[_heldout_wording]`) and on scenes with held-out (color, shape) pairs
 (`vqa_<method>_<type>_compositional`), next to two blind baselines trained the same way with the cross
 fusion: the image replaced by a constant (`vqa_question_only_<type>`) and the question replaced by a
-constant (`vqa_image_only_<type>`). Pre-trained runs are made here (tiny-shapes, lit-digits) unless given.
+constant (`vqa_image_only_<type>`). Pre-trained runs are made here unless given: tiny-shapes (matching,
+classification), tiny-shapes with the pretrained MiniLM text tower locked (VQA: `VQA_PRETRAIN`), lit-digits.
 
-    .venv/bin/python bench/fusion.py [--shapes-run RUN] [--digits-run RUN] [--steps N] [--sections vqa ...] [--quick]
+    .venv/bin/python bench/fusion.py [--shapes-run RUN] [--vqa-shapes-run RUN] [--digits-run RUN] [--steps N]
+                                     [--sections vqa ...] [--quick]
 
 Writes bench/results/fusion.json (flat keys, fractions in [0, 1]) and prints the tables.
 """
@@ -35,6 +37,12 @@ from vlpt.train.run import run
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("vqa", "match", "classify")
 BASELINES = ("question_only", "image_only")  # finetune.inputs of the blind baselines (cross fusion)
+# VQA rows fine-tune tiny-shapes pre-trained with the pretrained MiniLM text tower locked: questions in wording never
+# seen in training need a question encoder that knows English (docs/results.md, issue 24).
+VQA_PRETRAIN = ["model.text.pretrained=minilm", "model.text.locked=true"]
+# The VQA recipe chosen on validation scenes (docs/results.md): the general-English tower needs no noisy twins; the
+# bench never resumes, and each checkpoint would write the frozen 90 MB tower.
+VQA_RECIPE = ["train.steps=4800", "finetune.question_noise=0", "train.checkpoint_every=0"]
 VQA_COLUMNS = (*QUESTION_TYPES, "overall")
 
 
@@ -57,11 +65,15 @@ def finetune(task: str, fusion: str | None, source: Path, runs: Path, overrides:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes-run", type=Path, help="pre-trained shapes run (default: train tiny-shapes)")
+    parser.add_argument("--shapes-run", type=Path, help="pre-trained shapes run for matching and classification "
+                                                             "(default: train tiny-shapes)")
+    parser.add_argument("--vqa-shapes-run", type=Path,
+                        help="pre-trained shapes run for VQA (default: train tiny-shapes with VQA_PRETRAIN)")
     parser.add_argument("--digits-run", type=Path, help="pre-trained digits run (default: train lit-digits)")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "bench" / "runs")
     parser.add_argument("--steps", type=int, help="vqa fine-tuning steps for every row (default: the config's)")
-    parser.add_argument("--vqa-set", nargs="*", default=[], help="KEY=VALUE overrides for every vqa row")
+    parser.add_argument("--vqa-set", nargs="*", default=VQA_RECIPE, help="KEY=VALUE overrides for every vqa row "
+                        f"(default: {' '.join(VQA_RECIPE)})")
     parser.add_argument("--match-steps", type=int, default=500, help="matching fine-tuning steps for every row")
     parser.add_argument("--classify-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
@@ -75,7 +87,13 @@ def main() -> None:
              "train.checkpoint_every=0"] if args.quick else []
     pre_quick = ["train.steps=3", "data.train_size=256", "eval.zero_shot_size=64", "eval.compositional_size=32",
                  "eval.retrieval_size=32", "eval.probe_train_size=64", "train.eval_every=0"] if args.quick else []
-    shapes_run = args.shapes_run or pretrained("pre-shapes" + "-quick" * args.quick, "tiny-shapes", runs, pre_quick)
+    shapes_run = vqa_shapes_run = None
+    if {"match", "classify"} & set(args.sections):
+        shapes_run = args.shapes_run or pretrained("pre-shapes" + "-quick" * args.quick, "tiny-shapes", runs,
+                                                   pre_quick)
+    if "vqa" in args.sections:
+        vqa_shapes_run = args.vqa_shapes_run or pretrained("pre-shapes-minilm" + "-quick" * args.quick, "tiny-shapes",
+                                                           runs, pre_quick + VQA_PRETRAIN)
     digits_run = None
     if "classify" in args.sections:
         digits_run = args.digits_run or pretrained("pre-digits" + "-quick" * args.quick, "lit-digits", runs,
@@ -96,7 +114,7 @@ def main() -> None:
         seconds = {k.removeprefix("seconds_"): v for k, v in kept.items() if k.startswith("seconds_")}
     vqa_rows = [(f, f, []) for f in FUSION_METHODS] + [(b, "cross", [f"finetune.inputs={b}"]) for b in BASELINES]
     for row, fusion, inputs in vqa_rows if "vqa" in args.sections else ():
-        vqa, seconds[f"vqa_{row}"] = finetune("vqa", fusion, shapes_run, runs, budget + vqa_recipe + inputs,
+        vqa, seconds[f"vqa_{row}"] = finetune("vqa", fusion, vqa_shapes_run, runs, vqa_recipe + budget + inputs,
                                               freeze=True, name=row)
         for t in VQA_COLUMNS:
             figures[f"vqa_{row}_{t}"] = vqa[f"vqa_{t}"]
@@ -130,10 +148,14 @@ def main() -> None:
         f: " ".join(f"{k}={figures[f'match_{f}_{k}']:.3f}" for k in ("swapped", "hard", "random"))
         for f in FUSION_METHODS if f"match_{f}_swapped" in figures})
     figures |= {f"seconds_{k}": v for k, v in seconds.items()}
-    config = {"finetune_config": "finetune", "vqa_overrides": budget + vqa_recipe, "vqa_freeze_towers": True,
+    kept_config = json.loads(previous.read_text()).get("config", {}) if figures and previous.exists() else {}
+    config = {"finetune_config": "finetune", "vqa_overrides": vqa_recipe + budget, "vqa_freeze_towers": True,
+              "vqa_pretrain_overrides": VQA_PRETRAIN,
+              "vqa_shapes_run": str(vqa_shapes_run) if vqa_shapes_run else kept_config.get("vqa_shapes_run"),
               "match_overrides": match_budget,
               "classify_overrides": classify_budget,
-              "shapes_run": str(shapes_run), "digits_run": digits_run and str(digits_run), "quick": args.quick,
+              "shapes_run": str(shapes_run) if shapes_run else kept_config.get("shapes_run"),
+              "digits_run": str(digits_run) if digits_run else kept_config.get("digits_run"), "quick": args.quick,
               "threads": args.threads, "sections_rerun": args.sections}
     write_results(name, figures, config)
 

@@ -202,8 +202,9 @@ def test_noisy_questions_fit_the_context_and_keep_every_content_word():
 
 def test_noisy_twins_open_with_lead_ins_that_no_held_out_wording_uses():
     """About half the noisy training twins open with a lead-in ("so, what color is the star?"), so the model
-    reads a question's kind from its core; the openings are the training side's own: no validation or test
-    wording begins with one (else the held-out figures would not measure unseen wording)."""
+    reads a question's kind from its core (kind "lead_in": every twin opens with one and is otherwise the question);
+    the openings are the training side's own: no validation or test wording begins with one (else the held-out
+    figures would not measure unseen wording)."""
     scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=300))
     questions = flatten_questions(scenes)[0]
     tokenizer = create_model(tiny_model_config(), corpus=questions).tokenizer
@@ -214,6 +215,10 @@ def test_noisy_twins_open_with_lead_ins_that_no_held_out_wording_uses():
     assert 0.45 < opened([with_lead_in(q, rng) for q in questions]) < 0.55  # half
     assert 0.25 < opened(noisy) < 0.5, opened(noisy)  # less the twins whose opening a nonsense word or swap broke
     assert not [q for q in questions if any(q.startswith(lead) for lead in LEAD_INS)]  # clean questions keep none
+    lead_only = noisy_questions(questions, tokenizer, np.random.default_rng(0), kind="lead_in")
+    assert opened(lead_only) == 1.0 and all(t.endswith(" " + q) for t, q in zip(lead_only, questions))
+    with pytest.raises(ValueError, match="full, lead_in"):
+        noisy_questions(questions, tokenizer, np.random.default_rng(0), kind="shout")
     def opening(text: str) -> list[str]:
         return [w.strip(",:") for w in text.split()]
     held_out = [t for wordings in shapes.QUESTION_WORDING.values() for t in (*wordings[1], *wordings[2])]

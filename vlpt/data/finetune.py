@@ -110,12 +110,20 @@ def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
     return np.sort(np.concatenate([np.resize(g, size) for g in groups]))
 
 
-def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.random.Generator) -> list[str]:
-    """Each question's noisy twin: an opening half the time (``with_lead_in``), one frame word replaced half the
-    time (``other_frame_word``) and 1-3 nonsense words inserted (``nonsense_words``), with fewer nonsense words
-    where the twin would not fit the tokenizer's context (a nonsense word is spelled out in up to 8 character
-    pieces; cut short, "is the red circle above the blue square?" loses the square and its answer becomes a
-    guess). Falls back to the clean question."""
+def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.random.Generator, kind: str = "full"
+                    ) -> list[str]:
+    """Each question's noisy twin. ``full``: an opening half the time (``with_lead_in``), one frame word replaced
+    half the time (``other_frame_word``) and 1-3 nonsense words inserted (``nonsense_words``), with fewer nonsense
+    words where the twin would not fit the tokenizer's context (a nonsense word is spelled out in up to 8
+    character pieces; cut short, "is the red circle above the blue square?" loses the square and its answer
+    becomes a guess). ``lead_in``: an opening from LEAD_INS only (a pretrained question tower reads unseen words
+    already; the openings still teach that "can you ..." need not ask yes or no). Falls back to the clean
+    question where the twin does not fit."""
+    if kind == "lead_in":
+        opened = [f"{LEAD_INS[int(rng.integers(len(LEAD_INS)))]} {q}" for q in questions]
+        return fit_to_context(opened, tokenizer, (lambda i: questions[i],))
+    if kind != "full":
+        raise ValueError(f"unknown question noise kind {kind!r}; choose from full, lead_in")
     framed = [other_frame_word(with_lead_in(q, rng), rng) for q in questions]
     fallbacks = (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i])
     return fit_to_context([nonsense_words(q, rng) for q in framed], tokenizer, fallbacks)
@@ -129,7 +137,8 @@ class QuestionBatches:
     answer from the words that matter and wording it has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
-                 batch_size: int, seed: int, noise: float = 0.0, type_repeats: dict[str, int] | None = None):
+                 batch_size: int, seed: int, noise: float = 0.0, type_repeats: dict[str, int] | None = None,
+                 noise_kind: str = "full"):
         questions, owner, answers, types = flatten_questions(scenes)
         rows = balanced_rows(types, oversample=True)
         for kind, repeats in (type_repeats or {}).items():
@@ -142,7 +151,7 @@ class QuestionBatches:
         self.rows, self.count, self.noise = rows, len(questions), noise
         if noise > 0:  # every question's noisy twin, tokenized once, rows after the clean ones
             rng = np.random.default_rng([seed, 4242])
-            questions = questions + noisy_questions(questions, tokenizer, rng)
+            questions = questions + noisy_questions(questions, tokenizer, rng, noise_kind)
         tokens = tokenizer(questions)
         self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
         self.batch_size, self.seed = batch_size, seed

@@ -286,7 +286,8 @@ class VQA(FineTune):
     def batches(self, config: RunConfig, data: TaskData, model: TaskModel, env: DistributedEnv):
         t = config.train
         batches = QuestionBatches(data.train_images, data.train_scenes, model.tokenizer, t.batch_size, t.seed,
-                                  config.finetune.question_noise, {"relation": config.finetune.relation_repeats})
+                                  config.finetune.question_noise, {"relation": config.finetune.relation_repeats},
+                                  config.finetune.question_noise_kind)
         if model.config.freeze_towers:  # the frozen question tower's features of every question asked, ahead
             model.enable_text_cache()
             model.prefill_text_cache(*batches.texts(t.steps))  # (under torchrun each rank: the global batch's)
