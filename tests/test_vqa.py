@@ -234,6 +234,22 @@ def _vqa_model(inputs: str) -> TaskModel:
                                      inputs=inputs), encoder)
 
 
+@pytest.mark.parametrize("inputs", ["both", "image_only"])
+def test_evaluation_encodes_each_distinct_question_once_and_answers_as_the_model_does(inputs):
+    """The evaluation encodes distinct questions in length-sorted batches trimmed to their longest; the answers
+    are the model's own on the padded batch (an image_only model keeps one token of each question)."""
+    from vlpt.evaluate.finetune import _encode_images, _encode_texts, pair_logits
+    model = _vqa_model(inputs).eval()
+    questions = ["what color is the star?", "where is the red circle?", "what color is the star?", "where?"]
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    text = _encode_texts(model, questions, batch_size=2)  # 3 distinct questions: two batches of lengths 2 and 1
+    logits = pair_logits(model, _encode_images(model, images.numpy(), 4), text, torch.arange(4), torch.arange(4))
+    tokens = model.tokenizer(questions)
+    with torch.no_grad():
+        direct = model(images, tokens["input_ids"], tokens["attention_mask"])
+    assert_close_to_scale(logits, direct)
+
+
 def test_blind_baselines_ignore_their_missing_input():
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     questions = ["what color is the star?", "where is the red circle?"]

@@ -27,7 +27,7 @@ def _chunks(n: int, size: int):
 
 @torch.inference_mode()
 def _encode_texts(model: TaskModel, texts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
-    """Text tokens (padded to one length), mask and embeddings of many texts: each distinct text once (test
+    """Text tokens (padded to the longest), mask and embeddings of many texts: each distinct text once (test
     questions repeat across scenes), in batches of similar length, each trimmed to its longest text where the
     tower's output allows it (``TextTower.trims_padding``)."""
     distinct = list(dict.fromkeys(texts))
@@ -40,11 +40,12 @@ def _encode_texts(model: TaskModel, texts: list[str], batch_size: int) -> dict[s
     for s in _chunks(len(distinct), batch_size):
         rows = order[s]
         length = int(lengths[rows].max()) if trims else full
-        part = model.encode_texts(tokens["input_ids"][rows, :length], tokens["attention_mask"][rows, :length])
-        for key in ("text_tokens", "text_mask"):  # back to the full padded length: zeros, masked out
-            pad = [0, 0] * (part[key].dim() - 2) + [0, full - length]
+        parts.append(model.encode_texts(tokens["input_ids"][rows, :length], tokens["attention_mask"][rows, :length]))
+    longest = max(p["text_tokens"].shape[1] for p in parts)  # (an image_only model keeps one token)
+    for part in parts:
+        for key in ("text_tokens", "text_mask"):  # all to the longest part's length: zeros, masked out
+            pad = [0, 0] * (part[key].dim() - 2) + [0, longest - part[key].shape[1]]
             part[key] = torch.nn.functional.pad(part[key], pad)
-        parts.append(part)
     where = torch.empty_like(order)
     where[order] = torch.arange(len(order))  # distinct text i sits at row where[i] of the sorted parts
     position = {text: i for i, text in enumerate(distinct)}

@@ -206,8 +206,9 @@ class DualEncoder(SavesPretrained, nn.Module):
         if self.text_cache is None:
             pooled = self.text_tower.forward_pooled(input_ids, attention_mask, chunk)  # (B, C)
         else:
-            pooled = self.text_cache.pooled(token_keys(input_ids, attention_mask), lambda rows: self.text_tower.forward_pooled(
-                input_ids[rows], attention_mask[rows], chunk), device)  # (B, C)
+            pooled = self.text_cache.pooled(token_keys(input_ids, attention_mask),
+                                            lambda rows: self.text_tower.forward_pooled(
+                                                input_ids[rows], attention_mask[rows], chunk), device)  # (B, C)
         features = self.text_proj(pooled)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 

@@ -138,6 +138,8 @@ class TaskModel(SavesPretrained, nn.Module):
         for MiniLM on 2 cores, ~300/s on a training batch's 64 mixed lengths). At most the cache's limit."""
         if self.text_cache is None:
             raise ValueError("enable_text_cache first")
+        if self.config.inputs == "image_only":  # the texts reach the tower as their first token alone
+            input_ids, lengths = input_ids[:, :1], lengths.clamp(max=1)
         order = torch.argsort(lengths, stable=True)[:self.text_cache.limit]
         device = self.encoder.logit_scale.device
         for start in range(0, len(order), rows_per_forward):
