@@ -108,6 +108,7 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     figures: dict[str, float] = {}
     seconds: dict[str, float] = {}
+    kept: dict = {}  # the last results, for the sections not re-run
     if set(args.sections) != set(SECTIONS) and previous.exists():
         kept = json.loads(previous.read_text())
         figures = {k: v for k, v in kept.items() if k not in ("config", "machine") and not k.startswith("seconds_")}
@@ -148,7 +149,7 @@ def main() -> None:
         f: " ".join(f"{k}={figures[f'match_{f}_{k}']:.3f}" for k in ("swapped", "hard", "random"))
         for f in FUSION_METHODS if f"match_{f}_swapped" in figures})
     figures |= {f"seconds_{k}": v for k, v in seconds.items()}
-    kept_config = json.loads(previous.read_text()).get("config", {}) if figures and previous.exists() else {}
+    kept_config = kept.get("config", {})
     config = {"finetune_config": "finetune", "vqa_overrides": vqa_recipe + budget, "vqa_freeze_towers": True,
               "vqa_pretrain_overrides": VQA_PRETRAIN,
               "vqa_shapes_run": str(vqa_shapes_run) if vqa_shapes_run else kept_config.get("vqa_shapes_run"),

@@ -39,7 +39,6 @@ from vlpt.models.dual_encoder import (
 )
 from vlpt.models.fusion import FUSION_METHODS, FusionConfig, create_fusion
 from vlpt.models.heads import ClassifierHead, MatchingHead, VQAHead
-from vlpt.models.text_towers import length_groups
 from vlpt.tokenization import Tokenizer
 
 TASKS = FINETUNE_TASKS  # the names live in vlpt.config, which checks configs against them
@@ -138,14 +137,12 @@ class TaskModel(SavesPretrained, nn.Module):
         for MiniLM on 2 cores, ~300/s on a training batch's 64 mixed lengths). At most the cache's limit."""
         if self.text_cache is None:
             raise ValueError("enable_text_cache first")
-        if self.config.inputs == "image_only":  # the texts reach the tower as their first token alone
-            input_ids, lengths = input_ids[:, :1], lengths.clamp(max=1)
         order = torch.argsort(lengths, stable=True)[:self.text_cache.limit]
         device = self.encoder.logit_scale.device
         for start in range(0, len(order), rows_per_forward):
-            rows = order[start:start + rows_per_forward]
-            tokens = token_rows(input_ids, lengths, rows)
-            self._cached_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            tokens = token_rows(input_ids, lengths, order[start:start + rows_per_forward])
+            self._cached_text_features(*self._tower_text(tokens["input_ids"].to(device),
+                                                         tokens["attention_mask"].to(device)))
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -187,9 +184,16 @@ class TaskModel(SavesPretrained, nn.Module):
             return torch.cat([tokens.flatten(1), embed], dim=1)
         return {"image_tokens": tokens, "image_embed": embed}
 
+    def _tower_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the text tower is given of the texts: all of them, or for the image_only blind baseline each text's
+        first token alone ([CLS])."""
+        if self.config.inputs == "image_only":
+            return input_ids[:, :1], attention_mask[:, :1]
+        return input_ids, attention_mask
+
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.config.inputs == "image_only":  # blind baseline: every text is its first token alone ([CLS])
-            input_ids, attention_mask = input_ids[:, :1], attention_mask[:, :1]
+        input_ids, attention_mask = self._tower_text(input_ids, attention_mask)
         if self.text_cache is None:
             tokens, embed = self._text_features(input_ids, attention_mask)
         else:
@@ -219,18 +223,9 @@ class TaskModel(SavesPretrained, nn.Module):
         dim, width = self.encoder.config.embed_dim, self.encoder.text_tower.output_dim
 
         def compute(rows: torch.Tensor) -> list[torch.Tensor]:
-            """New texts in groups of similar length, each trimmed to its longest (see ``length_groups``)."""
-            ids, mask = input_ids[rows], attention_mask[rows]
-            lengths = mask.sum(1).tolist()
-            right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())  # trimming keeps every token
-            groups = length_groups(lengths) if right_padded and self.encoder.text_tower.trims_padding() else None
-            entries: list[torch.Tensor] = [None] * len(lengths)  # type: ignore[list-item]
-            for group, length in groups or [(list(range(len(lengths))), ids.shape[1])]:
-                index = torch.tensor(group, device=ids.device)
-                tokens, embed = self._text_features(ids[index, :length], mask[index, :length])
-                for i, t, e in zip(group, tokens, embed):
-                    entries[i] = torch.cat([t[:lengths[i]].flatten(), e]).cpu()
-            return entries
+            tokens, embed = self._text_features(input_ids[rows], attention_mask[rows])
+            lengths = attention_mask[rows].sum(1).tolist()
+            return [torch.cat([t[:n].flatten(), e]).cpu() for t, e, n in zip(tokens, embed, lengths)]
 
         entries = self.text_cache.rows(token_keys(input_ids, attention_mask), compute, input_ids.device)
         tokens = entries[0].new_zeros(*input_ids.shape, width)  # (B, L, Ct)
