@@ -13,10 +13,12 @@ from tests.conftest import assert_close_to_scale, tiny_model_config
 from vlpt.data import shapes
 from vlpt.data.finetune import (
     LEAD_INS,
+    NOUN_VARIANTS,
     QuestionBatches,
     balanced_rows,
     flatten_questions,
     noisy_questions,
+    other_noun,
     with_lead_in,
 )
 from vlpt.factory import create_model
@@ -156,6 +158,35 @@ def test_held_out_wording_never_occurs_in_training():
         assert all(parse(q, k)[0] == parse(t, 0)[0] for q, t in zip(asked, trained))  # same kind of question
     with pytest.raises(ValueError, match="train, heldout"):
         flatten_questions(held_scenes, "paraphrased")
+
+
+def test_noun_variants_rename_the_things_only_and_never_make_a_held_out_wording():
+    """``finetune.noun_variants``: shape and count questions call the things in the picture by other nouns
+    ("how many figures are there?"); no other question changes, no answer changes, and no variant of any
+    training question is a validation or test wording."""
+    scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=600))
+    questions, _, answers, types = flatten_questions(scenes)
+    heldout = [_pattern(t) for both in shapes.QUESTION_WORDING.values() for t in (*both[1], *both[2])]
+    rng = np.random.default_rng(0)
+    renamed = {shapes.QUESTION_TYPES.index(t) for t in ("shape", "count")}
+    variants = set()
+    for question, kind in zip(questions, types):
+        seen = {other_noun(question, rng) for _ in range(60)}  # 6 variants each: all of them, almost surely
+        if kind in renamed:
+            assert len(seen) == len(NOUN_VARIANTS["object"]), (question, seen)
+        else:
+            assert seen == {question}
+        variants |= seen
+    assert not [q for q in variants if any(p.match(q) for p in heldout)]
+    assert {"what shape is the red one?", "how many figures are there?"} <= variants
+    tokenizer = create_model(tiny_model_config(), corpus=questions).tokenizer
+    data = shapes.ShapesDataset(shapes.ShapesConfig(split="train", size=40, image_size=32))
+    plain = QuestionBatches(data.images, data.scenes, tokenizer, 16, seed=0)
+    varied = QuestionBatches(data.images, data.scenes, tokenizer, 16, seed=0, noun_variants=0.5)
+    for step in range(4):
+        a, b = plain.batch(step), varied.batch(step)
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["images"], b["images"])
+    assert 0 < (varied.input_ids[:, :12] != plain.input_ids[:, :12]).any(1).float().mean() < 0.5
 
 
 def test_question_types_are_balanced_in_training_and_test():
