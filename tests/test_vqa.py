@@ -13,6 +13,7 @@ from tests.conftest import assert_close_to_scale, tiny_model_config
 from vlpt.data import shapes
 from vlpt.data.finetune import (
     LEAD_INS,
+    MEANINGFUL_WORDS,
     NOUN_VARIANTS,
     QuestionBatches,
     balanced_rows,
@@ -231,6 +232,32 @@ def test_noisy_questions_fit_the_context_and_keep_every_content_word():
         <= tokenizer.context_length
 
 
+def test_word_twins_insert_only_real_words_that_do_not_change_the_question():
+    """Kind "words": each twin is its question with an opening half the time and 1-2 whole words of the tokenizer's
+    vocabulary inserted, never a word that changes what is asked (a color, a shape, a number, "not", ...)."""
+    scenes = shapes.make_scenes(shapes.ShapesConfig(split="train", size=300))
+    questions = flatten_questions(scenes)[0]
+    tokenizer = create_model(tiny_model_config(), corpus=questions + ["parliament tolerated barbie oslo"]).tokenizer
+    vocabulary = set(tokenizer.whole_words())
+    assert {"parliament", "oslo"} <= vocabulary and not [w for w in vocabulary if w.startswith("#")]
+    twins = noisy_questions(questions, tokenizer, np.random.default_rng(0), kind="words")
+    opened = 0
+    for question, twin in zip(questions, twins):
+        words, added = question.split(), twin.split()
+        extra = list(added)
+        for w in words:  # the question's own words, in order, with an opening and 1-2 more words among them
+            extra.remove(w)
+        lead = next((lead.split() for lead in LEAD_INS if all(w in extra for w in lead.split())), [])
+        for w in lead:
+            extra.remove(w)
+        opened += bool(lead)
+        assert 1 <= len(extra) <= 2 and set(extra) <= vocabulary and not set(extra) & MEANINGFUL_WORDS, twin
+        rest = iter(added)
+        assert all(w in rest for w in words), twin  # the question's words, in order
+    assert 0.4 < opened / len(questions) < 0.6
+    assert {"one", "not", "red", "circle", "figure", "count", "where"} <= MEANINGFUL_WORDS
+
+
 def test_noisy_twins_open_with_lead_ins_that_no_held_out_wording_uses():
     """About half the noisy training twins open with a lead-in ("so, what color is the star?"), so the model
     reads a question's kind from its core (kind "lead_in": every twin opens with one and is otherwise the question);
@@ -248,7 +275,7 @@ def test_noisy_twins_open_with_lead_ins_that_no_held_out_wording_uses():
     assert not [q for q in questions if any(q.startswith(lead) for lead in LEAD_INS)]  # clean questions keep none
     lead_only = noisy_questions(questions, tokenizer, np.random.default_rng(0), kind="lead_in")
     assert opened(lead_only) == 1.0 and all(t.endswith(" " + q) for t, q in zip(lead_only, questions))
-    with pytest.raises(ValueError, match="full, lead_in"):
+    with pytest.raises(ValueError, match="full, lead_in, words"):
         noisy_questions(questions, tokenizer, np.random.default_rng(0), kind="shout")
     def opening(text: str) -> list[str]:
         return [w.strip(",:") for w in text.split()]

@@ -58,7 +58,7 @@ NONFINITE_ACTIONS = ("stop", "skip")  # vlpt.train.trainer.Trainer
 REPORT_SINKS = ("jsonl", "tensorboard")  # vlpt.train.trainer.Trainer: where training rows go
 FUSION_METHODS = ("concat", "sum", "gated", "cross")
 FINETUNE_INPUTS = ("both", "question_only", "image_only")  # vlpt.models.task_model: blind baselines
-QUESTION_NOISE_KINDS = ("full", "lead_in")  # vlpt.data.finetune.noisy_questions
+QUESTION_NOISE_KINDS = ("full", "lead_in", "words")  # vlpt.data.finetune.noisy_questions
 INIT_HEADS = ("zero_shot", "random")  # vlpt.train.finetune
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")  # those both DDPM and DDIM (diffusers) know
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -285,7 +285,7 @@ class FinetuneConfig:
     cross_heads: int = checked(4, at_least(1))  # must divide cross_width
     cross_where: bool = True  # cross fusion: each cross-attention head also reads the (row, column) it attended to
     question_noise: float = checked(0.5, between(0, 1))  # vqa: odds a training question comes as its noisy twin: an opening half the time, 1-3 nonsense words (robust to unseen wording)
-    question_noise_kind: str = checked("full", one_of(QUESTION_NOISE_KINDS))  # vqa: the twin: full (an opening half the time, a frame word replaced half the time, 1-3 nonsense words) | lead_in (an opening only: short, for a pretrained question tower)
+    question_noise_kind: str = checked("full", one_of(QUESTION_NOISE_KINDS))  # vqa: the twin: full (an opening half the time, a frame word replaced half the time, 1-3 nonsense words) | lead_in (an opening only: short, for a pretrained question tower) | words (an opening half the time, 1-2 random words of the tokenizer's vocabulary inserted: for a pretrained question tower)
     noun_variants: float = checked(0.0, between(0, 1))  # vqa: odds a training question calls the things in the picture by another noun (item, thing, figure, piece, one; vlpt.data.finetune.NOUN_VARIANTS) instead of shape / object
     relation_repeats: int = checked(2, at_least(1))  # vqa: relation questions (the slowest type to learn) come this many times as often as each other type in training batches
     word_codes: bool = True  # vqa, cross fusion: the relation words (above, below, left, right) get trainable embeddings of the fusion's own, and the where readout counts word order around the first of them (TaskModelConfig.word_codes, order_around_codes)

@@ -137,6 +137,12 @@ class Tokenizer:
         pieces = self.hf(list(words), add_special_tokens=False)["input_ids"]
         return sorted({ids[0] for ids in pieces if len(ids) == 1 and ids[0] != self.hf.unk_token_id})
 
+    def whole_words(self, min_letters: int = 3) -> list[str]:
+        """The vocabulary's whole lowercase words of at least ``min_letters`` letters, sorted (word pieces such as
+        BERT's "##ing" and special tokens left out; a BPE's end-of-word mark stripped)."""
+        words = (token.removesuffix("</w>") for token in self.hf.get_vocab())
+        return sorted({w for w in words if len(w) >= min_letters and w.isascii() and w.isalpha() and w.islower()})
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 

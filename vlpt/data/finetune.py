@@ -125,6 +125,30 @@ def _pick_noun(noun: str, rng: np.random.Generator) -> str:
     return variants[int(rng.integers(len(variants)))]
 
 
+# Words a random filler must not be: they change what a question asks or what its answer is.
+MEANINGFUL_WORDS = CONTENT_WORDS | {w for names in shapes.SHAPE_SYNONYMS.values() for n in names for w in n.split()} | {
+    w for nouns in NOUN_VARIANTS.values() for w in nouns} | frozenset(
+    "no not none nor never nothing nobody neither without zero one two three four five six seven eight nine ten "
+    "first second third once twice single double both all any every each many few several "
+    # what kind of question it is, and where things are
+    "what which where when who whom whose why how is are was were does did can could would should will shall may "
+    "might must has have had count number total tally amount colour hue shade big little tiny huge location "
+    "position place spot cell part area region top bottom middle center centre upper lower".split())
+
+
+def filler_words(tokenizer: Tokenizer) -> list[str]:
+    """The tokenizer's whole words (``Tokenizer.whole_words``) that do not change a question's meaning."""
+    return [w for w in tokenizer.whole_words() if w not in MEANINGFUL_WORDS]
+
+
+def english_words(question: str, vocabulary: Sequence[str], rng: np.random.Generator, most: int = 2) -> str:
+    """``question`` with 1..``most`` words of ``vocabulary`` inserted at random places between its words."""
+    words = question.split()
+    for _ in range(int(rng.integers(1, most + 1))):
+        words.insert(int(rng.integers(0, len(words) + 1)), vocabulary[int(rng.integers(len(vocabulary)))])
+    return " ".join(words)
+
+
 def balanced_rows(types: np.ndarray, oversample: bool) -> np.ndarray:
     """Row indices with every question type present equally often: each type's rows repeated up to the
     largest type's count (``oversample``, for training) or cut to the first rows of the smallest (test)."""
@@ -139,14 +163,20 @@ def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.rand
     half the time (``other_frame_word``) and 1-3 nonsense words inserted (``nonsense_words``), with fewer nonsense
     words where the twin would not fit the tokenizer's context (a nonsense word is spelled out in up to 8
     character pieces; cut short, "is the red circle above the blue square?" loses the square and its answer
-    becomes a guess). ``lead_in``: an opening from LEAD_INS only (a pretrained question tower reads unseen words
+    becomes a guess). ``words``: an opening half the time and 1-2 real words of the tokenizer's vocabulary
+    inserted (``filler_words``): a pretrained question tower knows every word, and a frame word it was never trained
+    on ("drawn", "seen") can otherwise swing the answer. ``lead_in``: an opening from LEAD_INS only (a pretrained question tower reads unseen words
     already; the openings still teach that "can you ..." need not ask yes or no). Falls back to the clean
     question where the twin does not fit."""
+    if kind == "words":
+        vocabulary = filler_words(tokenizer)
+        twins = [english_words(with_lead_in(q, rng), vocabulary, rng) for q in questions]
+        return fit_to_context(twins, tokenizer, (lambda i: questions[i],))
     if kind == "lead_in":
         opened = [f"{LEAD_INS[int(rng.integers(len(LEAD_INS)))]} {q}" for q in questions]
         return fit_to_context(opened, tokenizer, (lambda i: questions[i],))
     if kind != "full":
-        raise ValueError(f"unknown question noise kind {kind!r}; choose from full, lead_in")
+        raise ValueError(f"unknown question noise kind {kind!r}; choose from full, lead_in, words")
     framed = [other_frame_word(with_lead_in(q, rng), rng) for q in questions]
     fallbacks = (lambda i: nonsense_words(framed[i], rng, most=1), lambda i: framed[i], lambda i: questions[i])
     return fit_to_context([nonsense_words(q, rng) for q in framed], tokenizer, fallbacks)
