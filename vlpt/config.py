@@ -286,7 +286,7 @@ class FinetuneConfig:
     cross_where: bool = True  # cross fusion: each cross-attention head also reads the (row, column) it attended to
     question_noise: float = checked(0.5, between(0, 1))  # vqa: odds a training question comes as its noisy twin: an opening half the time, 1-3 nonsense words (robust to unseen wording)
     question_noise_kind: str = checked("full", one_of(QUESTION_NOISE_KINDS))  # vqa: the twin: full (an opening half the time, a frame word replaced half the time, 1-3 nonsense words) | lead_in (an opening only: short, for a pretrained question tower) | words (an opening half the time, 1-2 random words of the tokenizer's vocabulary inserted: for a pretrained question tower)
-    noun_variants: float = checked(0.0, between(0, 1))  # vqa: odds a training question calls the things in the picture by another noun (item, thing, figure, piece, one; vlpt.data.finetune.NOUN_VARIANTS) instead of shape / object
+    noun_variants: float = checked(0.0, between(0, 1))  # vqa: odds a training question calls the things in the picture by another noun (item, thing, figure, piece, one; their shape: form, outline; vlpt.data.finetune.NOUN_VARIANTS) instead of shapes / object / shape
     relation_repeats: int = checked(2, at_least(1))  # vqa: relation questions (the slowest type to learn) come this many times as often as each other type in training batches
     word_codes: bool = True  # vqa, cross fusion: the relation words (above, below, left, right) get trainable embeddings of the fusion's own, and the where readout counts word order around the first of them (TaskModelConfig.word_codes, order_around_codes)
     inputs: str = checked("both", one_of(FINETUNE_INPUTS))  # match / vqa: both | question_only | image_only (blind baselines)

@@ -103,21 +103,24 @@ def with_lead_in(question: str, rng: np.random.Generator) -> str:
     return f"{LEAD_INS[int(rng.integers(len(LEAD_INS)))]} {question}" if rng.random() < 0.5 else question
 
 
-# Nouns a user may call the things in a picture by. The training templates say only "shapes" / "object(s)", and a
-# general-English question tower reads a noun it was never trained on by its everyday sense: "what sort of figure
-# is the red one?" got a count for an answer ("figure", "one" are numbers too) and "how many figures appear in
-# total?" got "0" (docs/results.md, VQA). Taken from the validation wordings' nouns; "one" only for a single thing
-# named by its color ("the red one").
+# Nouns a user may call the things in a picture, and their shape, by. The training templates say only "shapes" /
+# "object(s)" and "shape", and a general-English question tower reads a noun it was never trained on by its
+# everyday sense: "what sort of figure is the red one?" got a count for an answer ("figure", "one" are numbers
+# too), "how many figures appear in total?" got "0", "which outline does the red figure have?" a count or a place
+# (docs/results.md, VQA). Taken from the validation wordings' nouns; "one" only for a single thing named by its
+# color ("the red one").
 NOUN_VARIANTS = {"object": ("object", "item", "thing", "figure", "piece", "one"),
                  "objects": ("shapes", "objects", "items", "things", "figures", "pieces"),
-                 "shapes": ("shapes", "objects", "items", "things", "figures", "pieces")}
+                 "shapes": ("shapes", "objects", "items", "things", "figures", "pieces"),
+                 "shape": ("shape", "form", "outline")}
 _NOUN = re.compile(r"\b(" + "|".join(NOUN_VARIANTS) + r")\b")
 
 
 def other_noun(question: str, rng: np.random.Generator) -> str:
-    """``question`` with its generic noun for the things in the picture (NOUN_VARIANTS' keys: "how many shapes",
-    "the red object") replaced by a random variant; questions without one come back unchanged."""
-    return _NOUN.sub(lambda m: _pick_noun(m.group(1), rng), question, count=1)
+    """``question`` with each generic noun for the things in the picture or their shape (NOUN_VARIANTS' keys:
+    "how many shapes", "what shape is the red object") replaced by a random variant; questions without one come
+    back unchanged."""
+    return _NOUN.sub(lambda m: _pick_noun(m.group(1), rng), question)
 
 
 def _pick_noun(noun: str, rng: np.random.Generator) -> str:
