@@ -70,6 +70,7 @@ def git_commit() -> dict:
 
 
 STARTED_ON = git_commit()  # the code a benchmark runs is the code it started with
+PROVENANCE_KEYS = ("commit", "commit_dirty", "commit_at_end")  # what write_results adds besides the figures
 
 
 def write_results(name: str, figures: dict, config: dict | None = None) -> Path:

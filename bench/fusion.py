@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, print_table, write_results
+from common import PROVENANCE_KEYS, RESULTS, STARTED_ON, print_table, write_results
 
 from vlpt.config import apply_overrides, load_config
 from vlpt.data.shapes import QUESTION_TYPES, default_cache_dir
@@ -113,7 +113,8 @@ def main() -> None:
     kept: dict = {}  # the last results, for the sections not re-run
     if set(args.sections) != set(SECTIONS) and previous.exists():
         kept = json.loads(previous.read_text())
-        figures = {k: v for k, v in kept.items() if k not in ("config", "machine") and not k.startswith("seconds_")}
+        figures = {k: v for k, v in kept.items()
+                   if k not in ("config", "machine", *PROVENANCE_KEYS) and not k.startswith("seconds_")}
         seconds = {k.removeprefix("seconds_"): v for k, v in kept.items() if k.startswith("seconds_")}
     vqa_rows = [(f, f, []) for f in FUSION_METHODS] + [(b, "cross", [f"finetune.inputs={b}"]) for b in BASELINES]
     for row, fusion, inputs in vqa_rows if "vqa" in args.sections else ():
@@ -159,7 +160,11 @@ def main() -> None:
               "classify_overrides": classify_budget,
               "shapes_run": str(shapes_run) if shapes_run else kept_config.get("shapes_run"),
               "digits_run": str(digits_run) if digits_run else kept_config.get("digits_run"), "quick": args.quick,
-              "threads": args.threads, "sections_rerun": args.sections}
+              "threads": args.threads, "sections_rerun": args.sections,
+              # which commit each section's figures come from: the kept sections' from the last results file
+              "section_commits": {s: STARTED_ON["commit"] if s in args.sections
+                                  else kept_config.get("section_commits", {}).get(s, kept.get("commit"))
+                                  for s in SECTIONS}}
     write_results(name, figures, config)
 
 
