@@ -168,9 +168,9 @@ def noisy_questions(questions: Sequence[str], tokenizer: Tokenizer, rng: np.rand
     character pieces; cut short, "is the red circle above the blue square?" loses the square and its answer
     becomes a guess). ``words``: an opening half the time and 1-2 real words of the tokenizer's vocabulary
     inserted (``filler_words``): a pretrained question tower knows every word, and a frame word it was never trained
-    on ("drawn", "seen") can otherwise swing the answer. ``lead_in``: an opening from LEAD_INS only (a pretrained question tower reads unseen words
-    already; the openings still teach that "can you ..." need not ask yes or no). Falls back to the clean
-    question where the twin does not fit."""
+    on ("drawn", "seen") can otherwise swing the answer. ``lead_in``: an opening from LEAD_INS only (a pretrained
+    question tower reads unseen words already; the openings still teach that "can you ..." need not ask yes or no).
+    Falls back to the clean question where the twin does not fit."""
     if kind == "words":
         vocabulary = filler_words(tokenizer)
         twins = [english_words(with_lead_in(q, rng), vocabulary, rng) for q in questions]
