@@ -191,6 +191,26 @@ def test_noun_variants_rename_the_things_only_and_never_make_a_held_out_wording(
     assert 0 < (varied.input_ids[:, :12] != plain.input_ids[:, :12]).any(1).float().mean() < 0.5
 
 
+def test_twins_drawn_per_question_ask_each_question_one_way_for_the_whole_run():
+    """``finetune.question_noise_per_question``: each question comes always clean or always as its twin, about
+    half each, so a frozen question tower's cache holds one text per question instead of up to two."""
+    data = shapes.ShapesDataset(shapes.ShapesConfig(split="train", size=40, image_size=32))
+    questions = flatten_questions(data.scenes)[0]
+    tokenizer = create_model(tiny_model_config(), corpus=questions + list(LEAD_INS)).tokenizer
+    fixed = QuestionBatches(data.images, data.scenes, tokenizer, 16, seed=0, noise=0.5, noise_kind="lead_in",
+                            noise_per_question=True)
+    drawn = QuestionBatches(data.images, data.scenes, tokenizer, 16, seed=0, noise=0.5, noise_kind="lead_in")
+    asked: dict[int, set[int]] = {}
+    for step in range(60):
+        rows, text_rows = fixed._rows(step)
+        for row, text in zip(rows.tolist(), text_rows.tolist()):
+            asked.setdefault(row, set()).add(text)
+    assert all(len(texts) == 1 for texts in asked.values()) and len(asked) == fixed.count
+    twins = sum(next(iter(t)) >= fixed.count for t in asked.values()) / len(asked)
+    assert 0.3 < twins < 0.7
+    assert len(fixed.texts(60)[0]) == fixed.count < len(drawn.texts(60)[0])
+
+
 def test_question_types_are_balanced_in_training_and_test():
     types = np.array([0, 0, 0, 0, 1, 2, 2])
     assert np.bincount(types[balanced_rows(types, oversample=True)]).tolist() == [4, 4, 4]

@@ -190,12 +190,13 @@ class QuestionBatches:
     (rarer types repeated; ``type_repeats`` {type: k} gives a type k times its share) and an epoch visits every
     balanced row once. With ``noun_variants`` > 0 that fraction of the questions name the things in the picture by
     another noun (``other_noun``). With ``noise`` > 0 that fraction of the questions come as their noisy twins
+    (drawn each time a question comes, or once per question for the run with ``noise_per_question``)
     (``noisy_questions``: an opening, nonsense words inserted, a frame word replaced), so the model learns to
     answer from the words that matter and wording it has never seen passes."""
 
     def __init__(self, images: np.ndarray, scenes: Sequence[shapes.Scene], tokenizer: Tokenizer,
                  batch_size: int, seed: int, noise: float = 0.0, type_repeats: dict[str, int] | None = None,
-                 noise_kind: str = "full", noun_variants: float = 0.0):
+                 noise_kind: str = "full", noun_variants: float = 0.0, noise_per_question: bool = False):
         questions, owner, answers, types = flatten_questions(scenes)
         if noun_variants > 0:  # some questions call the things by another noun (other_noun), fixed for the run
             rng = np.random.default_rng([seed, 4343])
@@ -209,9 +210,12 @@ class QuestionBatches:
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.owner, self.answers, self.types = (torch.from_numpy(a) for a in (owner, answers, types))
         self.rows, self.count, self.noise = rows, len(questions), noise
+        self.fixed_twins: torch.Tensor | None = None  # per question: always its twin (noise_per_question)
         if noise > 0:  # every question's noisy twin, tokenized once, rows after the clean ones
             rng = np.random.default_rng([seed, 4242])
             questions = questions + noisy_questions(questions, tokenizer, rng, noise_kind)
+            if noise_per_question:
+                self.fixed_twins = torch.from_numpy(np.random.default_rng([seed, 4444]).random(self.count) < noise)
         tokens = tokenizer(questions)
         self.input_ids, self.lengths = tokens["input_ids"], tokens["attention_mask"].sum(1)
         self.batch_size, self.seed = batch_size, seed
@@ -220,7 +224,9 @@ class QuestionBatches:
         """Batch ``step``'s question rows and the rows of the texts asked (a noisy twin's: after the clean ones)."""
         rows = self.rows[epoch_batch(len(self.rows), self.batch_size, self.seed, step)]
         text_rows = rows
-        if self.noise > 0:
+        if self.fixed_twins is not None:
+            text_rows = torch.where(self.fixed_twins[rows], rows + self.count, rows)
+        elif self.noise > 0:
             noisy = torch.rand(len(rows), generator=step_generator(self.seed, step)) < self.noise
             text_rows = torch.where(noisy, rows + self.count, rows)
         return rows, text_rows

@@ -287,7 +287,8 @@ class VQA(FineTune):
         t = config.train
         batches = QuestionBatches(data.train_images, data.train_scenes, model.tokenizer, t.batch_size, t.seed,
                                   config.finetune.question_noise, {"relation": config.finetune.relation_repeats},
-                                  config.finetune.question_noise_kind, config.finetune.noun_variants)
+                                  config.finetune.question_noise_kind, config.finetune.noun_variants,
+                                  config.finetune.question_noise_per_question)
         if model.config.freeze_towers:  # the frozen question tower's features of every question asked, ahead
             model.enable_text_cache()
             model.prefill_text_cache(*batches.texts(t.steps))  # (under torchrun each rank: the global batch's)
