@@ -120,12 +120,7 @@ def other_noun(question: str, rng: np.random.Generator) -> str:
     """``question`` with each generic noun for the things in the picture or their shape (NOUN_VARIANTS' keys:
     "how many shapes", "what shape is the red object") replaced by a random variant; questions without one come
     back unchanged."""
-    return _NOUN.sub(lambda m: _pick_noun(m.group(1), rng), question)
-
-
-def _pick_noun(noun: str, rng: np.random.Generator) -> str:
-    variants = NOUN_VARIANTS[noun]
-    return variants[int(rng.integers(len(variants)))]
+    return _NOUN.sub(lambda m: shapes.pick(rng, NOUN_VARIANTS[m.group(1)]), question)
 
 
 # Words a random filler must not be: they change what a question asks or what its answer is.
@@ -148,7 +143,7 @@ def english_words(question: str, vocabulary: Sequence[str], rng: np.random.Gener
     """``question`` with 1..``most`` words of ``vocabulary`` inserted at random places between its words."""
     words = question.split()
     for _ in range(int(rng.integers(1, most + 1))):
-        words.insert(int(rng.integers(0, len(words) + 1)), vocabulary[int(rng.integers(len(vocabulary)))])
+        words.insert(int(rng.integers(0, len(words) + 1)), shapes.pick(rng, vocabulary))
     return " ".join(words)
 
 

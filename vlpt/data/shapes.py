@@ -346,7 +346,8 @@ def swap_attributes(scene: Scene, rng: np.random.Generator, num_captions: int = 
 
 # ----------------------------------------------------------------------------- captions
 
-def _pick(rng: np.random.Generator, options) -> str:
+def pick(rng: np.random.Generator, options) -> str:
+    """One of ``options``, drawn with ``rng``."""
     return options[int(rng.integers(len(options)))]
 
 
@@ -356,10 +357,10 @@ def _article(word: str) -> str:
 
 def describe(obj: ShapeObject, rng: np.random.Generator, detail: int) -> str:
     """Noun phrase for one object; detail 0: color+shape, 1: +size, 2: +size+position."""
-    shape = _pick(rng, SHAPE_SYNONYMS[obj.shape])
+    shape = pick(rng, SHAPE_SYNONYMS[obj.shape])
     words = [obj.color, shape]
     if detail >= 1:
-        words.insert(0, _pick(rng, SIZE_SYNONYMS[obj.size]))
+        words.insert(0, pick(rng, SIZE_SYNONYMS[obj.size]))
     phrase = " ".join(words)
     phrase = f"{_article(phrase)} {phrase}"
     if detail >= 2:
@@ -400,11 +401,11 @@ def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int, ope
         style = k % 5
         if style == 0:  # plain list, colors and shapes
             text = _join([describe(o, rng, 0) for o in order])
-            text = _pick(rng, PLAIN_OPENERS).format(text)
+            text = pick(rng, PLAIN_OPENERS).format(text)
         elif style == 1:  # size and position of every object
             text = _join([describe(o, rng, 2) for o in order])
             if openers:
-                text = _pick(rng, PLAIN_OPENERS + SCENE_OPENERS).format(text)
+                text = pick(rng, PLAIN_OPENERS + SCENE_OPENERS).format(text)
         elif style == 2 and n >= 2:  # a relation, then the rest
             a, b = order[0], order[1]
             text = f"{describe(a, rng, 1)} {relation(a, b)} {describe(b, rng, 1)}"
@@ -415,7 +416,7 @@ def make_captions(scene: Scene, rng: np.random.Generator, num_captions: int, ope
             text = f"{count_word} {shapes}: " + _join([describe(o, rng, 1) for o in order])
         else:  # sizes, objects in a scene
             text = _join([describe(o, rng, 1) for o in order])
-            text = _pick(rng, SCENE_OPENERS).format(text) if n == 1 else f"a scene with {text}"
+            text = pick(rng, SCENE_OPENERS).format(text) if n == 1 else f"a scene with {text}"
         captions.append(text)
     return captions
 
@@ -476,7 +477,7 @@ def make_questions(scene: Scene, rng: np.random.Generator, heldout: str = "test"
         i, j = rng.choice(len(unique_pair), size=2, replace=False)
         a, b = unique_pair[int(i)], unique_pair[int(j)]
         true = rng.random() < 0.5  # both lists are never empty: a and b stand in different cells
-        asked = _pick(rng, [r for r in RELATIONS if _holds(a, b, r) == true])
+        asked = pick(rng, [r for r in RELATIONS if _holds(a, b, r) == true])
         qs.append(_question("relation", "yes" if true else "no", "relation", rng,
                             a=f"{a.color} {a.shape}", b=f"{b.color} {b.shape}", relation=asked))
 
